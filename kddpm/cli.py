@@ -1,0 +1,224 @@
+"""The ``kddpm`` command line: argument parsing, progress and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    _quiet_tensorflow(args.verbose)
+    from kddpm.errors import KddpmError
+
+    try:
+        return args.run(args) or 0
+    except KddpmError as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted; files written so far are kept.", file=sys.stderr)
+        return 130
+    except Exception as error:  # the last line of defence: one sentence, not a traceback
+        if args.verbose:
+            traceback.print_exc()
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"error: {type(error).__name__}: {first_line} (run again with --verbose for details)", file=sys.stderr)
+        return 1
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Silences TensorFlow's C++ and Python logs unless --verbose; must run before TF loads."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    # Some native start-up lines ignore TF_CPP_MIN_LOG_LEVEL: hide stderr while TF loads.
+    devnull, saved = os.open(os.devnull, os.O_WRONLY), os.dup(2)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    tf.get_logger().setLevel(logging.ERROR)
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from kddpm.presets import PRESETS
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show TensorFlow's logs and full tracebacks")
+    parser = argparse.ArgumentParser(
+        prog="kddpm", description="Train, sample and export DDPM models (Ho et al. 2020) with Keras."
+    )
+    verbs = parser.add_subparsers(title="commands")
+
+    presets = "\n".join(f"  {p.name:8s} {p.description}" for p in PRESETS.values())
+    train = verbs.add_parser(
+        "train",
+        parents=[common],
+        help="train a model",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Train a DDPM with model.fit.\n\npresets:\n{presets}",
+    )
+    train.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' (default, bundled), 'tfds:NAME' or a folder of images")
+    train.add_argument("--data-dir", help="where Fashion-MNIST's IDX files or tensorflow-datasets data live")
+    train.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size and settings (default: demo)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: the preset's), rounded up to whole epochs")
+    length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps")
+    train.add_argument("--steps-per-epoch", type=int, default=200, help="steps between checkpoints with --steps (default 200)")
+    train.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    train.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples (default 0)")
+    train.add_argument("--out", help="run folder (default: runs/PRESET)")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    train.add_argument("--grid-every", type=int, default=5, help="write a sample grid every N epochs (default 5)")
+    train.set_defaults(run=_train)
+
+    sample = verbs.add_parser("sample", parents=[common], help="draw samples from a trained model")
+    sample.add_argument("--model", required=True, help="run folder or .keras file")
+    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    sample.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
+    sample.add_argument("--variance", choices=["beta_tilde", "beta"], default="beta_tilde", help="DDPM sigma^2")
+    sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
+    sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
+    sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    sample.set_defaults(run=_sample)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    import keras
+
+    from kddpm.data import image_source, load_dataset
+    from kddpm.errors import KddpmError
+    from kddpm.presets import get_preset
+    from kddpm.training import SampleGrid, Throughput, create_model, make_optimizer, write_grid
+
+    preset = get_preset(args.preset)
+    out = Path(args.out or f"runs/{preset.name}")
+    model_path = out / "model.keras"
+    if model_path.exists() and not args.overwrite:
+        raise KddpmError(f"{out} already holds a trained model; choose another --out or pass --overwrite.")
+    batch_size = args.batch_size or preset.batch_size
+    for name in ("steps", "epochs", "batch_size", "steps_per_epoch", "grid_every"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+
+    source = image_source(args.data, "train", args.data_dir, preset.image_shape[2] if Path(args.data).is_dir() else None)
+    print(f"Data: {source.description}")
+    data = load_dataset(
+        source,
+        batch_size=batch_size,
+        image_shape=preset.image_shape,
+        flip=preset.flip,
+        repeat=True,
+        seed=args.seed,
+    )
+    if args.epochs:
+        if not source.size:
+            raise KddpmError("The size of this dataset is unknown; give --steps instead of --epochs.")
+        steps_per_epoch, epochs = max(1, source.size // batch_size), args.epochs
+    else:
+        steps = args.steps or preset.train_steps
+        steps_per_epoch = min(args.steps_per_epoch, steps)
+        epochs = math.ceil(steps / steps_per_epoch)
+
+    model = create_model(preset, seed=args.seed)
+    model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps))
+    print(
+        f"Model: preset {preset.name}, {model.denoiser.count_params():,} parameters; "
+        f"{epochs} epochs x {steps_per_epoch} steps of {batch_size} images"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    grid_settings = {"sampler": preset.grid_sampler, "steps": preset.grid_steps, "clip_x0": preset.clip_x0}
+    throughput = Throughput(batch_size)
+    started = time.time()
+    history = model.fit(
+        data,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(out / "checkpoints" / "last.keras"),
+            keras.callbacks.TensorBoard(out / "logs"),
+            SampleGrid(out / "samples", every=args.grid_every, seed=args.seed, **grid_settings),
+            throughput,
+        ],
+        verbose=1,
+    )
+    train_seconds = time.time() - started
+    _save_atomically(model, model_path)
+    print(f"Sampling a {64}-image grid ({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)")
+    grid = write_grid(model.sample(64, seed=args.seed, progress=True, **grid_settings), out / "samples" / "final.png")
+    loss = history.history["loss"][-1]
+    print(
+        f"Trained {epochs * steps_per_epoch} steps in {train_seconds / 60:.1f} min, final loss {loss:.4f}, "
+        f"{throughput.images_per_second():.1f} images/s"
+    )
+    print(f"Model: {model_path}  Samples: {grid}  Logs: {out / 'logs'}")
+    return 0
+
+
+def _save_atomically(model, path: Path) -> None:
+    """Saves beside ``path`` and renames, so that a crash never leaves a half-written model."""
+    partial = path.with_name(path.stem + ".partial.keras")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from kddpm.errors import KddpmError
+    from kddpm.model import load_diffusion_model
+    from kddpm.training import write_grid
+
+    if args.num < 1:
+        raise KddpmError(f"--num must be a positive integer, got {args.num}.")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise KddpmError(f"--out {out} must end in .png.")
+    model = load_diffusion_model(args.model)
+    steps = args.steps if args.sampler == "ddim" else None
+    if args.sampler == "ddpm" and args.steps not in (None, model.schedule.timesteps):
+        raise KddpmError(f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim for --steps {args.steps}.")
+    print(f"Sampling {args.num} images with {args.sampler.upper()} ({steps or model.schedule.timesteps} steps)")
+    images = model.sample(
+        args.num,
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=steps,
+        eta=args.eta,
+        variance=args.variance,
+        clip_x0=args.clip_x0,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    print(f"Samples: {write_grid(images, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""DiffusionModel: DDPM training (Algorithm 1, L_simple) as a ``keras.Model``, with EMA weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kddpm.errors import KddpmError
+from kddpm.sampling import Sampler, make_plan
+from kddpm.schedule import NoiseSchedule
+
+# Training images must lie in [-1, 1]; this bound only catches data that was never scaled
+# (0..255, or standardised with large outliers), leaving room for resampling overshoot.
+_MAX_ABS_PIXEL = 1.5
+
+
+@keras.saving.register_keras_serializable(package="kddpm")
+class DiffusionModel(keras.Model):
+    """Trains any eps-network with ``fit`` and samples from an EMA copy of its weights.
+
+    Args:
+        denoiser: a ``keras.Model`` called as ``denoiser([x_t, t])`` with x_t [B, H, W, C]
+            float32 and t [B] int32 in [0, T), returning eps of x_t's shape.
+        schedule: the noise schedule (default: the paper's linear schedule, T = 1000).
+        ema_decay: decay of the exponential moving average of the weights (paper: 0.9999).
+        ema_warmup: use decay_n = min(ema_decay, (1 + n) / (10 + n)) at step n, so that a
+            short run's EMA is not dominated by the initial weights.
+        clip_grad_norm: clip the global gradient norm (over all replicas) to this; None: off.
+        seed: seed of the training noise. The noise of step n, example i of the global batch
+            is a function of (seed, n, i) alone, so a run is reproducible and the same on one
+            device or several replicas.
+        image_shape: (H, W, C); read from ``denoiser.inputs`` when it is a functional model.
+    """
+
+    def __init__(
+        self,
+        denoiser: keras.Model,
+        schedule: NoiseSchedule | None = None,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        clip_grad_norm: float | None = 1.0,
+        seed: int = 0,
+        image_shape: tuple[int, int, int] | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        if not 0.0 <= ema_decay < 1.0:
+            raise KddpmError(f"ema_decay must be in [0, 1), got {ema_decay}.")
+        self.denoiser = denoiser
+        self.schedule = schedule or NoiseSchedule.linear()
+        self.ema_decay = float(ema_decay)
+        self.ema_warmup = bool(ema_warmup)
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.seed = int(seed)
+        self.image_shape = _image_shape_of(denoiser, image_shape)
+        self.ema_denoiser = _copy_network(denoiser, self.image_shape)
+        self.ema_denoiser.trainable = False
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self._sampler: Sampler | None = None
+        self.built = True
+
+    # --- Keras plumbing --------------------------------------------------------------------
+
+    def call(self, inputs, training=False):
+        """eps_theta([x_t, t]) with the trained (not EMA) weights."""
+        return self.denoiser(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "denoiser": keras.saving.serialize_keras_object(self.denoiser),
+            "schedule": self.schedule.get_config(),
+            "ema_decay": self.ema_decay,
+            "ema_warmup": self.ema_warmup,
+            "clip_grad_norm": self.clip_grad_norm,
+            "seed": self.seed,
+            "image_shape": list(self.image_shape),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DiffusionModel:
+        config = dict(config)
+        config["denoiser"] = keras.saving.deserialize_keras_object(config["denoiser"])
+        config["schedule"] = NoiseSchedule.from_config(config["schedule"])
+        config["image_shape"] = tuple(config["image_shape"])
+        return cls(**config)
+
+    # --- Algorithm 1 -----------------------------------------------------------------------
+
+    def train_step(self, data):
+        images = self._images(data)
+        t, noise = self._draw_t_and_noise(images, self._training_key())
+        x_t = self.schedule.q_sample(images, t, noise)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            eps = tf.cast(self.denoiser([x_t, t], training=True), tf.float32)
+            loss = tf.reduce_mean(tf.square(noise - eps))
+            # Gradients are summed over replicas: dividing each replica's mean by their
+            # number makes the sum the gradient of the global-batch mean.
+            scaled_loss = self.optimizer.scale_loss(loss / replicas)
+        variables = self.denoiser.trainable_variables
+        gradients = tape.gradient(scaled_loss, variables)
+        if self.clip_grad_norm:
+            gradients = self._clip_global_norm(gradients, replicas)
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        self._update_ema()
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        """L_simple on validation data, with noise that depends only on the batch's content."""
+        images = self._images(data)
+        fingerprint = tf.cast(tf.reduce_sum(tf.abs(images)) * 1024.0, tf.int64)
+        key = tf.stack([tf.constant(self.seed ^ 0x5EED, tf.int64), fingerprint])
+        t, noise = self._draw_t_and_noise(images, key)
+        x_t = self.schedule.q_sample(images, t, noise)
+        eps = tf.cast(self.denoiser([x_t, t], training=False), tf.float32)
+        self.loss_tracker.update_state(tf.reduce_mean(tf.square(noise - eps)))
+        return {"loss": self.loss_tracker.result()}
+
+    def _training_key(self) -> tf.Tensor:
+        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+
+    def _draw_t_and_noise(self, images: tf.Tensor, key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """t ~ U{0..T-1} and eps ~ N(0, I) for this replica's slice of the global batch.
+
+        The draws are made for the whole global batch from ``key`` and sliced, so example i
+        of the global batch gets the same t and eps whatever the number of replicas.
+        """
+        context = tf.distribute.get_replica_context()
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replica = context.replica_id_in_sync_group if context is not None else 0
+        local = tf.shape(images)[0]
+        global_batch = local * replicas
+        begin = tf.cast(replica, tf.int32) * local
+        t = tf.random.stateless_uniform(
+            [global_batch],
+            seed=tf.random.experimental.stateless_fold_in(key, 1),
+            minval=0,
+            maxval=self.schedule.timesteps,
+            dtype=tf.int32,
+        )
+        noise = tf.random.stateless_normal(
+            tf.concat([[global_batch], tf.shape(images)[1:]], 0),
+            seed=tf.random.experimental.stateless_fold_in(key, 2),
+        )
+        return t[begin : begin + local], noise[begin : begin + local]
+
+    def _images(self, data) -> tf.Tensor:
+        """The image batch of ``data`` (images, or (images, labels)), checked against the network."""
+        images = data[0] if isinstance(data, (tuple, list)) else data
+        if isinstance(images, dict):
+            raise KddpmError("Training data must be images or (images, labels) pairs, not a dict.")
+        if images.dtype != tf.float32:
+            raise KddpmError(
+                f"Training images are {images.dtype.name}; convert them to float32 in [-1, 1] "
+                "(x / 127.5 - 1 for uint8), as kddpm.load_dataset does."
+            )
+        if images.shape.rank != 4 or tuple(images.shape[1:]) != self.image_shape:
+            raise KddpmError(
+                f"Training images have shape {tuple(images.shape)} but the denoiser expects "
+                f"[B, {', '.join(map(str, self.image_shape))}]; resize or pad the data "
+                "(kddpm.load_dataset(..., image_size=...)) or build the network for this shape."
+            )
+        check = tf.debugging.assert_less_equal(
+            tf.reduce_max(tf.abs(images)),
+            _MAX_ABS_PIXEL,
+            message="Training images lie far outside [-1, 1]; scale them to [-1, 1] (x / 127.5 - 1 for 0..255 data).",
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(images)
+
+    def _clip_global_norm(self, gradients, replicas: int):
+        """Clips by the norm of the global-batch gradient, not of each replica's share."""
+        # A loss-scaling optimizer hands back scaled gradients: clip them at the same scale.
+        threshold = self.clip_grad_norm * tf.cast(getattr(self.optimizer, "dynamic_scale", 1.0), tf.float32)
+        context = tf.distribute.get_replica_context()
+        if replicas > 1 and context is not None:
+            gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+            gradients, _ = tf.clip_by_global_norm(gradients, threshold)
+            # The optimizer sums over replicas again; every replica now holds the full sum.
+            return [g / replicas for g in gradients]
+        return tf.clip_by_global_norm(gradients, threshold)[0]
+
+    # --- EMA -------------------------------------------------------------------------------
+
+    def _ema_decay_now(self) -> tf.Tensor:
+        if not self.ema_warmup:
+            return tf.constant(self.ema_decay)
+        n = tf.cast(self.optimizer.iterations, tf.float32)
+        return tf.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
+
+    def _update_ema(self) -> None:
+        decay = self._ema_decay_now()
+        pairs = [
+            (ema.value, weight.value, weight.trainable)
+            for ema, weight in zip(self.ema_denoiser.weights, self.denoiser.weights)
+        ]
+
+        def update(strategy, pairs, decay):
+            for ema, weight, trainable in pairs:
+                if trainable:
+                    strategy.extended.update(
+                        ema, lambda e, w: e.assign(decay * e + (1.0 - decay) * tf.cast(w, e.dtype)), args=(weight,)
+                    )
+                else:
+                    strategy.extended.update(ema, lambda e, w: e.assign(w), args=(weight,))
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update, tf.distribute.get_strategy(), pairs, decay
+        )
+
+    def reset_ema(self) -> None:
+        """Copies the current weights into the EMA network."""
+        self.ema_denoiser.set_weights(self.denoiser.get_weights())
+
+    # --- Sampling --------------------------------------------------------------------------
+
+    def sample(
+        self,
+        num_images: int,
+        seed: int = 0,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float = 0.0,
+        variance: str = "beta_tilde",
+        clip_x0: bool = False,
+        use_ema: bool = True,
+        batch_size: int | None = None,
+        progress: bool = False,
+        jit_compile: bool | None = None,
+    ) -> np.ndarray:
+        """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
+
+        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``: 'beta_tilde' or
+        'beta') or 'ddim' (``steps`` steps, default 50, stochasticity ``eta``). clip_x0:
+        clip the predicted x0 to [-1, 1] at every step. use_ema: sample with the EMA weights
+        (the default, as the paper does). batch_size: images per graph call (default: all).
+        The same seed gives the same images.
+        """
+        plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
+        runner = self._get_sampler(use_ema, jit_compile)
+        batch_size = batch_size or num_images
+        batches = []
+        for index, start in enumerate(range(0, num_images, batch_size)):
+            count = min(batch_size, num_images - start)
+            images = runner.sample(plan, count, seed=seed + index * 1_000_003, progress=progress)
+            batches.append(np.clip(images.numpy(), -1.0, 1.0))
+        return np.concatenate(batches, axis=0)
+
+    def _get_sampler(self, use_ema: bool, jit_compile: bool | None) -> Sampler:
+        network = self.ema_denoiser if use_ema else self.denoiser
+        if jit_compile is None:
+            jit_compile = bool(tf.config.list_physical_devices("GPU"))
+        cached = self._sampler
+        if cached is None or cached.network is not network or cached.jit_compile != jit_compile:
+            self._sampler = Sampler(network, self.image_shape, jit_compile=jit_compile)
+        return self._sampler
+
+
+def _image_shape_of(denoiser: keras.Model, image_shape) -> tuple[int, int, int]:
+    if image_shape is None:
+        try:
+            image_shape = tuple(denoiser.inputs[0].shape[1:])
+        except (AttributeError, TypeError, IndexError, ValueError):
+            raise KddpmError(
+                "Cannot read the image shape from this denoiser; pass image_shape=(H, W, C)."
+            ) from None
+    image_shape = tuple(image_shape)
+    if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
+        raise KddpmError(f"image_shape must be (H, W, C) with known sizes, got {image_shape}.")
+    return image_shape
+
+
+def _copy_network(network: keras.Model, image_shape: tuple[int, int, int]) -> keras.Model:
+    """A new network of the same architecture holding a copy of ``network``'s weights."""
+    try:
+        copy = keras.models.clone_model(network)
+    except Exception as error:  # clone_model raises many types for unserialisable models
+        raise KddpmError(
+            f"Cannot copy the denoiser for its EMA weights ({error}); give the model a get_config()."
+        ) from error
+    if not copy.built or len(copy.weights) != len(network.weights):
+        batch = 1
+        copy([tf.zeros((batch, *image_shape)), tf.zeros((batch,), tf.int32)])
+    copy.set_weights(network.get_weights())
+    return copy
+
+
+def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
+    """Loads a ``.keras`` file saved from a DiffusionModel, or ``RUN/model.keras`` for a run folder.
+
+    Raises KddpmError naming the file when it is missing, unreadable or not a DiffusionModel.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise KddpmError(f"No model at {path}; give a run folder holding model.keras or a .keras file.")
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:  # Keras raises many types for damaged archives
+        raise KddpmError(
+            f"Cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
+            "the file is corrupt, truncated or not a Keras model: restore it from the run's checkpoints/ or retrain."
+        ) from error
+    if not isinstance(model, DiffusionModel):
+        raise KddpmError(f"{path} holds a {type(model).__name__}, not a kddpm DiffusionModel.")
+    return model

@@ -1,0 +1,275 @@
+"""Ancestral DDPM sampling (Algorithm 2) and DDIM, compiled as one graph.
+
+A sampler is a *plan*, per-step coefficients computed once in float64 from the schedule, and
+one generic reverse loop that applies it:
+
+    x0_hat = x0_from_xt * x_t - x0_from_eps * eps              (only when clipping x0)
+    x_prev = coef_x0 * clip(x0_hat) + coef_xt * x_t + coef_eps * eps + sigma * z
+
+DDPM without clipping is Algorithm 2 as printed, x_prev = (x_t - beta_t / sqrt(1 - abar_t) eps)
+/ sqrt(alpha_t) + sigma_t z; with clipping it is the posterior mean of the clipped x0_hat, as in
+the original code. DDIM (Song et al. 2021) is the same loop over a shorter, decreasing list of
+timesteps. The loop runs inside one ``tf.function`` (a ``tf.while_loop``), so a whole batch of
+images costs one graph call, or one per chunk when a progress bar is shown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kddpm.errors import KddpmError
+from kddpm.schedule import NoiseSchedule
+
+SAMPLERS = ("ddpm", "ddim")
+VARIANCES = ("beta_tilde", "beta")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Per-step coefficients of a reverse process, each a float64 array of shape [S]."""
+
+    timesteps: np.ndarray  # [S] int, decreasing, values in [0, T)
+    x0_from_xt: np.ndarray
+    x0_from_eps: np.ndarray
+    coef_x0: np.ndarray
+    coef_xt: np.ndarray
+    coef_eps: np.ndarray
+    sigma: np.ndarray
+    clip_x0: bool
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def coefficients(self) -> np.ndarray:
+        """The six coefficient rows stacked as [S, 6] float32, in the loop's order."""
+        return np.stack(
+            [self.x0_from_xt, self.x0_from_eps, self.coef_x0, self.coef_xt, self.coef_eps, self.sigma],
+            axis=1,
+        ).astype(np.float32)
+
+
+def ddpm_plan(
+    schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool = False
+) -> SamplingPlan:
+    """Algorithm 2 over all T steps; sigma_t^2 = beta_tilde_t (default) or beta_t, zero at t = 1."""
+    if variance not in VARIANCES:
+        raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
+    s = schedule
+    timesteps = np.arange(s.timesteps - 1, -1, -1)
+    variances = s.posterior_variance if variance == "beta_tilde" else s.betas.copy()
+    variances = variances.copy()
+    variances[0] = 0.0  # the last step returns the mean
+    if clip_x0:
+        coef_x0, coef_xt = s.posterior_mean_coef1, s.posterior_mean_coef2
+        coef_eps = np.zeros(s.timesteps)
+    else:
+        coef_x0 = np.zeros(s.timesteps)
+        coef_xt = 1.0 / np.sqrt(s.alphas)
+        coef_eps = -s.betas / (s.sqrt_one_minus_alphas_cumprod * np.sqrt(s.alphas))
+    return SamplingPlan(
+        timesteps=timesteps,
+        x0_from_xt=(1.0 / s.sqrt_alphas_cumprod)[timesteps],
+        x0_from_eps=np.sqrt(1.0 / s.alphas_cumprod - 1.0)[timesteps],
+        coef_x0=coef_x0[timesteps],
+        coef_xt=coef_xt[timesteps],
+        coef_eps=coef_eps[timesteps],
+        sigma=np.sqrt(variances)[timesteps],
+        clip_x0=clip_x0,
+    )
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
+    """``steps`` timesteps evenly spaced over [0, T-1], both ends included, decreasing."""
+    if not 1 <= steps <= timesteps:
+        raise KddpmError(f"DDIM steps must be between 1 and T={timesteps}, got {steps}.")
+    if steps == 1:
+        return np.array([timesteps - 1])
+    return np.round(np.linspace(timesteps - 1, 0, steps)).astype(np.int64)
+
+
+def ddim_plan(
+    schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False
+) -> SamplingPlan:
+    """DDIM over ``steps`` timesteps: eta = 0 is deterministic, eta = 1 over all T is DDPM."""
+    if eta < 0:
+        raise KddpmError(f"eta must be >= 0, got {eta}.")
+    timesteps = ddim_timesteps(schedule.timesteps, steps)
+    abar = schedule.alphas_cumprod[timesteps]
+    abar_prev = np.append(schedule.alphas_cumprod[timesteps[1:]], 1.0)
+    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar)) * np.sqrt(1.0 - abar / abar_prev)
+    direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
+    if clip_x0:
+        coef_x0, coef_xt, coef_eps = np.sqrt(abar_prev), np.zeros_like(abar), direction
+    else:
+        # sqrt(abar_prev) * x0_hat expanded, so that no clip-free step divides by sqrt(abar).
+        coef_x0 = np.zeros_like(abar)
+        coef_xt = np.sqrt(abar_prev / abar)
+        coef_eps = direction - np.sqrt(abar_prev) * np.sqrt(1.0 - abar) / np.sqrt(abar)
+    return SamplingPlan(
+        timesteps=timesteps,
+        x0_from_xt=1.0 / np.sqrt(abar),
+        x0_from_eps=np.sqrt(1.0 / abar - 1.0),
+        coef_x0=coef_x0,
+        coef_xt=coef_xt,
+        coef_eps=coef_eps,
+        sigma=sigma,
+        clip_x0=clip_x0,
+    )
+
+
+def make_plan(
+    schedule: NoiseSchedule,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    variance: str = "beta_tilde",
+    clip_x0: bool = False,
+) -> SamplingPlan:
+    """The plan for ``sampler`` ('ddpm' over all T steps, or 'ddim' over ``steps``, default 50)."""
+    if sampler == "ddpm":
+        if steps not in (None, schedule.timesteps):
+            raise KddpmError(
+                f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}."
+            )
+        return ddpm_plan(schedule, variance, clip_x0)
+    if sampler == "ddim":
+        return ddim_plan(schedule, steps or 50, eta, clip_x0)
+    raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+
+
+def seed_pair(seed: int) -> tf.Tensor:
+    """A user's integer seed as the [2] int64 key that stateless random ops take."""
+    return tf.constant([int(seed) & 0x7FFFFFFF, int(seed) >> 31], dtype=tf.int64)
+
+
+class Sampler:
+    """Runs a ``SamplingPlan`` with an eps-network ``[x_t, t] -> eps`` in one compiled loop.
+
+    Noise is a function of the seed alone: x_T from ``fold_in(seed, 0)`` and the noise of
+    loop step k from ``fold_in(seed, k + 1)``, so the same seed gives the same images.
+    Explicit ``x_T`` and per-step ``noise`` can be given instead (to compare implementations).
+    """
+
+    def __init__(self, network: keras.Model, image_shape: tuple[int, int, int], jit_compile: bool = False):
+        self.network = network
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.jit_compile = jit_compile
+        self._functions: dict[tuple[bool, bool], tf.types.experimental.PolymorphicFunction] = {}
+
+    def sample(
+        self,
+        plan: SamplingPlan,
+        num_images: int | None = None,
+        seed: int = 0,
+        x_T: np.ndarray | tf.Tensor | None = None,
+        noise: np.ndarray | tf.Tensor | None = None,
+        progress: bool = False,
+        chunks: int = 50,
+    ) -> tf.Tensor:
+        """Runs the reverse process and returns x_0: [B, H, W, C] float32 (not clipped).
+
+        num_images: B, when ``x_T`` is not given. x_T: [B, H, W, C] initial noise.
+        noise: [S, B, H, W, C] per-step noise, S = plan.num_steps. progress: show a Keras
+        progress bar, running the loop in about ``chunks`` graph calls instead of one.
+        """
+        key = seed_pair(seed)
+        if x_T is None:
+            if not num_images or num_images < 1:
+                raise KddpmError(f"num_images must be a positive integer, got {num_images}.")
+            x_T = tf.random.stateless_normal(
+                (num_images, *self.image_shape),
+                seed=tf.random.experimental.stateless_fold_in(key, 0),
+            )
+        x = tf.convert_to_tensor(x_T, tf.float32)
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise KddpmError(f"x_T has shape {tuple(x.shape)}; expected [B, {', '.join(map(str, self.image_shape))}].")
+        if noise is not None:
+            noise = tf.convert_to_tensor(noise, tf.float32)
+            if tuple(noise.shape) != (plan.num_steps, *x.shape):
+                raise KddpmError(
+                    f"noise has shape {tuple(noise.shape)}; expected {(plan.num_steps, *x.shape)}."
+                )
+        loop = self._function(plan.clip_x0, noise is not None)
+        timesteps = tf.constant(plan.timesteps, tf.int32)
+        coefficients = tf.constant(plan.coefficients())
+        extra = () if noise is None else (noise,)
+        steps = plan.num_steps
+        if not progress:
+            return loop(x, key, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
+        bar = keras.utils.Progbar(steps, unit_name="step")
+        bounds = np.unique(np.linspace(0, steps, min(chunks, steps) + 1).round().astype(np.int32))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            x = loop(x, key, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra)
+            bar.update(int(stop))
+        return x
+
+    def _function(self, clip_x0: bool, explicit_noise: bool):
+        key = (clip_x0, explicit_noise)
+        if key not in self._functions:
+            signature = [
+                tf.TensorSpec([None, *self.image_shape], tf.float32),
+                tf.TensorSpec([2], tf.int64),
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, 6], tf.float32),
+                tf.TensorSpec([], tf.int32),
+                tf.TensorSpec([], tf.int32),
+            ]
+            if explicit_noise:
+                signature.append(tf.TensorSpec([None, None, *self.image_shape], tf.float32))
+            self._functions[key] = tf.function(
+                self._build_loop(clip_x0, explicit_noise),
+                input_signature=signature,
+                jit_compile=self.jit_compile,
+            )
+        return self._functions[key]
+
+    def _build_loop(self, clip_x0: bool, explicit_noise: bool):
+        network = self.network
+
+        def loop(x, key, timesteps, coefficients, start, stop, noise=None):
+            batch = tf.shape(x)[0]
+
+            def step(k, x):
+                t = tf.fill([batch], timesteps[k])
+                eps = tf.cast(network([x, t], training=False), tf.float32)
+                x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma = tf.unstack(coefficients[k])
+                x_prev = coef_xt * x + coef_eps * eps
+                if clip_x0:
+                    x0_hat = tf.clip_by_value(x0_from_xt * x - x0_from_eps * eps, -1.0, 1.0)
+                    x_prev += coef_x0 * x0_hat
+                if explicit_noise:
+                    z = noise[k]
+                else:
+                    z = tf.random.stateless_normal(
+                        tf.shape(x), seed=tf.random.experimental.stateless_fold_in(key, k + 1)
+                    )
+                return k + 1, x_prev + sigma * z
+
+            _, x = tf.while_loop(lambda k, _: k < stop, step, (start, x), parallel_iterations=1)
+            return x
+
+        return loop
+
+
+def to_uint8(images: np.ndarray | tf.Tensor) -> np.ndarray:
+    """Images in [-1, 1], [B, H, W, C] float -> uint8 in 0..255 (values outside are clipped)."""
+    images = np.asarray(images, dtype=np.float32)
+    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """Tiles uint8 images [B, H, W, C] into one [rows*H, columns*W, C] image, row by row."""
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.zeros((rows * height, columns * width, channels), dtype=images.dtype)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    return grid

@@ -1,0 +1,180 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B), built as a functional Keras model.
+
+PixelCNN++-style: residual blocks with the time embedding added after their first convolution,
+self-attention at chosen resolutions, strided-conv down-sampling, nearest + conv up-sampling,
+skip connections concatenated on the way up, and an output convolution initialised to zero.
+Everything except the sinusoidal embedding is a built-in Keras layer, so the model saves,
+loads and exports like any functional model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from kddpm.errors import KddpmError
+
+
+@keras.saving.register_keras_serializable(package="kddpm")
+class SinusoidalEmbedding(keras.layers.Layer):
+    """The Transformer's sinusoidal embedding of an integer timestep.
+
+    Input t: [B] int32 in [0, T). Output: [B, dim], sin(t w_k) for the first half of the
+    features and cos(t w_k) for the second, w_k = 10000^(-k / (dim/2 - 1)).
+    """
+
+    def __init__(self, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        if dim < 4:
+            raise KddpmError(f"The time embedding needs dim >= 4, got {dim}.")
+        self.dim = int(dim)
+
+    def call(self, t):
+        half = self.dim // 2
+        scale = math.log(10000.0) / (half - 1)
+        frequencies = tf.exp(tf.range(half, dtype=tf.float32) * -scale)
+        angles = tf.cast(t, tf.float32)[:, None] * frequencies[None, :]
+        embedding = tf.concat([tf.sin(angles), tf.cos(angles)], axis=1)
+        if self.dim % 2:
+            embedding = tf.pad(embedding, [[0, 0], [0, 1]])
+        return tf.cast(embedding, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.dim)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+def build_unet(
+    image_shape: Sequence[int] = (32, 32, 3),
+    base_channels: int = 128,
+    channel_mults: Sequence[int] = (1, 2, 2, 2),
+    num_res_blocks: int = 2,
+    attention_resolutions: Sequence[int] = (16,),
+    dropout: float = 0.1,
+    norm_groups: int = 32,
+    name: str = "unet",
+) -> keras.Model:
+    """The paper's noise-prediction network eps_theta(x_t, t).
+
+    Args:
+        image_shape: (H, W, C); H and W must be divisible by 2 ** (len(channel_mults) - 1).
+        base_channels: channels at full resolution; level i has base_channels * channel_mults[i].
+        channel_mults: one multiplier per resolution level; every level but the last halves H, W.
+        num_res_blocks: residual blocks per level on the way down (one more on the way up).
+        attention_resolutions: feature-map heights at which self-attention blocks are added.
+        dropout: dropout rate inside the residual blocks (the paper: 0.1 on CIFAR-10).
+        norm_groups: GroupNorm groups (the paper: 32); must divide every level's channels.
+
+    Returns:
+        A functional ``keras.Model`` with inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B]
+        int32 in [0, T), and output ``eps`` [B, H, W, C] float32.
+    """
+    height, width, channels = (int(d) for d in image_shape)
+    levels = len(channel_mults)
+    if levels < 1 or num_res_blocks < 1 or base_channels < 1:
+        raise KddpmError("channel_mults must be non-empty, num_res_blocks and base_channels positive.")
+    factor = 2 ** (levels - 1)
+    if height % factor or width % factor:
+        raise KddpmError(
+            f"Image size {height}x{width} cannot be halved {levels - 1} times by channel_mults "
+            f"{tuple(channel_mults)}: use a size divisible by {factor} (pad the images, e.g. "
+            f"{_round_up(height, factor)}x{_round_up(width, factor)}) or fewer levels."
+        )
+    for mult in channel_mults:
+        if (base_channels * mult) % norm_groups:
+            raise KddpmError(
+                f"norm_groups={norm_groups} does not divide {base_channels * mult} channels; "
+                "choose base_channels and norm_groups so that every level's channels are a multiple."
+            )
+
+    x_t = keras.Input(shape=(height, width, channels), dtype="float32", name="x_t")
+    t = keras.Input(shape=(), dtype="int32", name="t")
+
+    time_channels = 4 * base_channels
+    temb = SinusoidalEmbedding(base_channels, name="time_sinusoidal")(t)
+    temb = keras.layers.Dense(time_channels, name="time_dense_0")(temb)
+    temb = keras.layers.Activation("silu")(temb)
+    temb = keras.layers.Dense(time_channels, name="time_dense_1")(temb)
+    # Every residual block reads swish(temb); computing it once changes nothing in the maths.
+    temb = keras.layers.Activation("silu", name="time_embedding")(temb)
+
+    block = _Blocks(dropout, norm_groups)
+    h = keras.layers.Conv2D(base_channels, 3, padding="same", name="conv_in")(x_t)
+    skips = [h]
+    for level, mult in enumerate(channel_mults):
+        for _ in range(num_res_blocks):
+            h = block.res(h, temb, base_channels * mult)
+            if h.shape[1] in attention_resolutions:
+                h = block.attention(h)
+            skips.append(h)
+        if level != levels - 1:
+            h = keras.layers.Conv2D(
+                h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}"
+            )(h)
+            skips.append(h)
+
+    h = block.res(h, temb, h.shape[-1])
+    h = block.attention(h)
+    h = block.res(h, temb, h.shape[-1])
+
+    for level in reversed(range(levels)):
+        for _ in range(num_res_blocks + 1):
+            h = keras.layers.Concatenate()([h, skips.pop()])
+            h = block.res(h, temb, base_channels * channel_mults[level])
+            if h.shape[1] in attention_resolutions:
+                h = block.attention(h)
+        if level != 0:
+            h = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"up_{level}")(h)
+            h = keras.layers.Conv2D(h.shape[-1], 3, padding="same", name=f"up_{level}_conv")(h)
+
+    h = keras.layers.GroupNormalization(norm_groups, epsilon=1e-6, name="norm_out")(h)
+    h = keras.layers.Activation("silu")(h)
+    eps = keras.layers.Conv2D(
+        channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps"
+    )(h)
+    return keras.Model(inputs=[x_t, t], outputs=eps, name=name)
+
+
+class _Blocks:
+    """Builders for the U-Net's repeated blocks; they only wire built-in layers together."""
+
+    def __init__(self, dropout: float, norm_groups: int):
+        self.dropout = dropout
+        self.norm_groups = norm_groups
+
+    def _norm(self, h):
+        return keras.layers.GroupNormalization(self.norm_groups, epsilon=1e-6)(h)
+
+    def res(self, x, temb, out_channels: int):
+        """GroupNorm -> swish -> conv3x3, + dense(temb), GroupNorm -> swish -> dropout -> conv3x3."""
+        h = keras.layers.Activation("silu")(self._norm(x))
+        h = keras.layers.Conv2D(out_channels, 3, padding="same")(h)
+        time = keras.layers.Dense(out_channels)(temb)
+        h = keras.layers.Add()([h, keras.layers.Reshape((1, 1, out_channels))(time)])
+        h = keras.layers.Activation("silu")(self._norm(h))
+        if self.dropout:
+            h = keras.layers.Dropout(self.dropout)(h)
+        # The residual branch starts at zero so that each block begins as the identity.
+        h = keras.layers.Conv2D(out_channels, 3, padding="same", kernel_initializer="zeros")(h)
+        if x.shape[-1] != out_channels:
+            x = keras.layers.Conv2D(out_channels, 1)(x)
+        return keras.layers.Add()([x, h])
+
+    def attention(self, x):
+        """Single-head self-attention over the H*W positions, added to the un-normalised input."""
+        height, width, channels = x.shape[1:]
+        h = keras.layers.Reshape((height * width, channels))(self._norm(x))
+        # One head with key_dim = C: the q, k, v and output projections are the original
+        # code's four 1x1 "NIN" layers, and the scores are scaled by C ** -0.5 as there.
+        h = keras.layers.MultiHeadAttention(num_heads=1, key_dim=channels)(h, h)
+        h = keras.layers.Reshape((height, width, channels))(h)
+        return keras.layers.Add()([x, h])
+
+
+def _round_up(value: int, factor: int) -> int:
+    return -(-value // factor) * factor
