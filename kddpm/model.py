@@ -70,6 +70,19 @@ class DiffusionModel(keras.Model):
         """eps_theta([x_t, t]) with the trained (not EMA) weights."""
         return self.denoiser(inputs, training=training)
 
+    def compile(self, optimizer="adam", **kwargs: Any) -> None:
+        """Keras' compile; the loss is L_simple, so only the optimizer (and options) are taken."""
+        super().compile(optimizer=optimizer, **kwargs)
+        # Built now rather than inside the first traced step, so that a step that fails on bad
+        # data leaves nothing half-created and the next fit starts cleanly.
+        self.optimizer.build(self.denoiser.trainable_variables)
+
+    def get_compile_config(self) -> dict[str, Any] | None:
+        return super().get_compile_config()
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        self.compile(**keras.saving.deserialize_keras_object(config))
+
     @property
     def metrics(self):
         return [self.loss_tracker]

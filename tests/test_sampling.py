@@ -1,0 +1,155 @@
+"""The compiled samplers against numpy implementations of Algorithm 2 and DDIM written from ddpm.md."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import tiny_unet
+
+from kddpm import DiffusionModel, KddpmError, NoiseSchedule
+from kddpm.sampling import Sampler, ddim_plan, ddim_timesteps, ddpm_plan
+
+T = 100
+
+
+@pytest.fixture(scope="module")
+def network():
+    net = tiny_unet((8, 8, 1))
+    rng = np.random.default_rng(3)
+    net.set_weights([rng.normal(0, 0.15, w.shape).astype(np.float32) for w in net.get_weights()])
+    return net
+
+
+def eps_of(network, x, t):
+    return keras.ops.convert_to_numpy(network([x.astype(np.float32), np.full(len(x), t, np.int32)]))
+
+
+def numpy_ddpm(network, betas, x_T, noise, variance="beta_tilde", clip=False):
+    """Algorithm 2, float64, one step at a time."""
+    alphas = 1 - betas
+    abar = np.cumprod(alphas)
+    x = x_T.astype(np.float64)
+    for k, t in enumerate(range(len(betas) - 1, -1, -1)):
+        eps = eps_of(network, x, t)
+        abar_prev = abar[t - 1] if t > 0 else 1.0
+        if clip:
+            x0 = np.clip((x - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t]), -1, 1)
+            mean = (math.sqrt(abar_prev) * betas[t] / (1 - abar[t])) * x0 + (
+                math.sqrt(alphas[t]) * (1 - abar_prev) / (1 - abar[t])
+            ) * x
+        else:
+            mean = (x - (1 - alphas[t]) / math.sqrt(1 - abar[t]) * eps) / math.sqrt(alphas[t])
+        sigma2 = betas[t] * (1 - abar_prev) / (1 - abar[t]) if variance == "beta_tilde" else betas[t]
+        x = mean + (math.sqrt(sigma2) * noise[k] if t > 0 else 0.0)
+    return x
+
+
+def numpy_ddim(network, betas, taus, x_T, noise, eta, clip=False):
+    abar = np.cumprod(1 - betas)
+    x = x_T.astype(np.float64)
+    for k, t in enumerate(taus):
+        eps = eps_of(network, x, t)
+        a_t = abar[t]
+        a_prev = abar[taus[k + 1]] if k + 1 < len(taus) else 1.0
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip:
+            x0 = np.clip(x0, -1, 1)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise[k]
+    return x
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return NoiseSchedule.linear(T, 1e-3, 0.2)
+
+
+def draws(steps, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.standard_normal((batch, 8, 8, 1)).astype(np.float32),
+        rng.standard_normal((steps, batch, 8, 8, 1)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("variance, clip", [("beta_tilde", False), ("beta", False), ("beta_tilde", True)])
+def test_ddpm_matches_numpy_algorithm_2(network, schedule, variance, clip):
+    x_T, noise = draws(T)
+    plan = ddpm_plan(schedule, variance, clip)
+    ours = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
+    reference = numpy_ddpm(network, schedule.betas, x_T, noise, variance, clip)
+    np.testing.assert_allclose(ours, reference, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("steps, eta, clip", [(10, 0.0, False), (25, 1.0, False), (10, 0.5, True)])
+def test_ddim_matches_numpy(network, schedule, steps, eta, clip):
+    x_T, noise = draws(steps)
+    plan = ddim_plan(schedule, steps, eta, clip)
+    ours = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
+    reference = numpy_ddim(network, schedule.betas, list(plan.timesteps), x_T, noise, eta, clip)
+    np.testing.assert_allclose(ours, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_ddim_with_eta_1_over_all_steps_is_ddpm(schedule):
+    ddim, ddpm = ddim_plan(schedule, T, eta=1.0), ddpm_plan(schedule)
+    np.testing.assert_array_equal(ddim.timesteps, ddpm.timesteps)
+    for name in ("coef_xt", "coef_eps", "sigma"):
+        np.testing.assert_allclose(getattr(ddim, name), getattr(ddpm, name), rtol=1e-7, atol=1e-12, err_msg=name)
+
+
+def test_ddim_timesteps_span_the_schedule():
+    taus = ddim_timesteps(1000, 50)
+    assert taus[0] == 999 and taus[-1] == 0 and len(set(taus)) == 50 and np.all(np.diff(taus) < 0)
+    with pytest.raises(KddpmError):
+        ddim_timesteps(100, 101)
+
+
+def test_progress_chunks_give_the_same_images_as_one_call(network, schedule):
+    sampler = Sampler(network, (8, 8, 1))
+    plan = ddim_plan(schedule, 20, eta=1.0)
+    whole = sampler.sample(plan, 4, seed=7).numpy()
+    chunked = sampler.sample(plan, 4, seed=7, progress=True, chunks=6).numpy()
+    np.testing.assert_allclose(whole, chunked, atol=1e-6)
+
+
+def test_the_loop_is_traced_once_per_setting(network, schedule):
+    sampler = Sampler(network, (8, 8, 1))
+    for steps in (5, 9, 13):
+        sampler.sample(ddim_plan(schedule, steps), 2, seed=steps)
+    sampler.sample(ddpm_plan(schedule), 3, seed=1)
+    (function,) = sampler._functions.values()
+    assert function.experimental_get_tracing_count() == 1
+
+
+def test_same_seed_same_images_and_range(network, schedule):
+    model = DiffusionModel(network, schedule)
+    a = model.sample(5, seed=11, sampler="ddim", steps=8, eta=1.0)
+    b = model.sample(5, seed=11, sampler="ddim", steps=8, eta=1.0)
+    c = model.sample(5, seed=12, sampler="ddim", steps=8, eta=1.0)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 0.1
+    assert a.shape == (5, 8, 8, 1) and a.min() >= -1 and a.max() <= 1
+    # Batching the draw gives the same number of images, each in range.
+    batched = model.sample(5, seed=11, sampler="ddim", steps=8, batch_size=2)
+    assert batched.shape == (5, 8, 8, 1)
+
+
+def test_xla_sampler_matches_the_plain_graph(network, schedule):
+    x_T, noise = draws(10)
+    plan = ddim_plan(schedule, 10, eta=0.5)
+    plain = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
+    xla = Sampler(network, (8, 8, 1), jit_compile=True).sample(plan, x_T=x_T, noise=noise).numpy()
+    np.testing.assert_allclose(plain, xla, atol=1e-4)
+
+
+def test_bad_sampler_arguments(network, schedule):
+    model = DiffusionModel(network, schedule)
+    with pytest.raises(KddpmError, match="Unknown sampler"):
+        model.sample(2, sampler="euler")
+    with pytest.raises(KddpmError, match="ddim"):
+        model.sample(2, sampler="ddpm", steps=10)
+    with pytest.raises(KddpmError, match="variance"):
+        model.sample(2, variance="learned")
+    with pytest.raises(KddpmError, match="noise has shape"):
+        Sampler(network, (8, 8, 1)).sample(ddim_plan(schedule, 4), x_T=np.zeros((2, 8, 8, 1)), noise=np.zeros((3, 2, 8, 8, 1)))

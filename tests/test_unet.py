@@ -1,0 +1,71 @@
+"""The U-Net: the paper's size, shapes, the time embedding, and saving."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import tiny_unet
+
+from kddpm import KddpmError, build_unet
+from kddpm.presets import PRESETS
+from kddpm.unet import SinusoidalEmbedding
+
+
+def test_cifar10_preset_has_the_papers_parameter_count():
+    model = build_unet(**PRESETS["cifar10"].unet_kwargs())
+    assert abs(model.count_params() - 35.7e6) / 35.7e6 < 0.01
+
+
+def test_inputs_outputs_and_zero_initialised_output():
+    model = tiny_unet((16, 12, 3))
+    assert [i.name for i in model.inputs] == ["x_t", "t"]
+    assert model.inputs[1].dtype == "int32" and model.inputs[0].dtype == "float32"
+    x = np.random.default_rng(0).standard_normal((3, 16, 12, 3)).astype(np.float32)
+    eps = model([x, np.array([0, 10, 999], np.int32)])
+    assert eps.shape == (3, 16, 12, 3)
+    # The output convolution starts at zero, as in the paper's code.
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(eps), 0.0)
+
+
+def test_output_depends_on_t_once_trained_weights_are_nonzero():
+    model = tiny_unet()
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.get_weights()])
+    x = rng.standard_normal((2, 8, 8, 1)).astype(np.float32)
+    a = keras.ops.convert_to_numpy(model([x, np.array([5, 5], np.int32)]))
+    b = keras.ops.convert_to_numpy(model([x, np.array([500, 500], np.int32)]))
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_sinusoidal_embedding_matches_the_transformer_formula():
+    dim = 16
+    t = np.array([0, 1, 17, 999], np.int32)
+    embedding = keras.ops.convert_to_numpy(SinusoidalEmbedding(dim)(t))
+    half = dim // 2
+    for row, step in enumerate(t):
+        for k in range(half):
+            frequency = math.exp(-math.log(10000) * k / (half - 1))
+            assert embedding[row, k] == pytest.approx(math.sin(step * frequency), abs=1e-4)
+            assert embedding[row, half + k] == pytest.approx(math.cos(step * frequency), abs=1e-4)
+
+
+def test_keras_round_trip_gives_identical_outputs(tmp_path):
+    model = tiny_unet((8, 8, 2), dropout=0.1)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.get_weights()])
+    path = tmp_path / "unet.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # safe mode, no custom objects
+    x = rng.standard_normal((4, 8, 8, 2)).astype(np.float32)
+    t = np.array([0, 3, 400, 999], np.int32)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model([x, t])), keras.ops.convert_to_numpy(loaded([x, t]))
+    )
+
+
+def test_sizes_the_down_sampling_cannot_divide_are_refused():
+    with pytest.raises(KddpmError, match="divisible by 4"):
+        build_unet((28, 30, 1), 8, (1, 2, 2), 1, (), 0.0, norm_groups=4)
+    with pytest.raises(KddpmError, match="norm_groups"):
+        build_unet((8, 8, 1), 12, (1, 2), 1, (), 0.0, norm_groups=8)
