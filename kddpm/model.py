@@ -220,11 +220,10 @@ class DiffusionModel(keras.Model):
         ]
 
         def update(strategy, pairs, decay):
+            # Runs in cross-replica context; ``update`` hands each device its own components.
             for ema, weight, trainable in pairs:
                 if trainable:
-                    strategy.extended.update(
-                        ema, lambda e, w: e.assign(decay * e + (1.0 - decay) * tf.cast(w, e.dtype)), args=(weight,)
-                    )
+                    strategy.extended.update(ema, _moving_average, args=(weight, decay))
                 else:
                     strategy.extended.update(ema, lambda e, w: e.assign(w), args=(weight,))
 
@@ -278,6 +277,10 @@ class DiffusionModel(keras.Model):
         if cached is None or cached.network is not network or cached.jit_compile != jit_compile:
             self._sampler = Sampler(network, self.image_shape, jit_compile=jit_compile)
         return self._sampler
+
+
+def _moving_average(average: tf.Variable, value: tf.Tensor, decay: tf.Tensor):
+    return average.assign(decay * average + (1.0 - decay) * tf.cast(value, average.dtype))
 
 
 def _image_shape_of(denoiser: keras.Model, image_shape) -> tuple[int, int, int]:
