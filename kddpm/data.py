@@ -43,8 +43,10 @@ class ImageSource:
 
 
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for Fashion-MNIST's IDX files, in order."""
-    candidates = [data_dir, os.environ.get("KDDPM_FASHION_MNIST")]
+    """The directories searched for Fashion-MNIST's IDX files, in order; only ``data_dir`` if given."""
+    if data_dir is not None:
+        return [Path(data_dir).expanduser()]
+    candidates = [os.environ.get("KDDPM_FASHION_MNIST")]
     candidates += ["/usr/share/datasets/fashion-mnist", Path.home() / ".keras/datasets/fashion-mnist"]
     return [Path(c).expanduser() for c in candidates if c]
 

@@ -47,6 +47,25 @@ PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
         Preset(
+            name="tiny",
+            description="a 164k-parameter smoke-test model (28x28x1): checks a set-up in seconds, learns little",
+            image_shape=(28, 28, 1),
+            base_channels=16,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            dropout=0.0,
+            norm_groups=4,
+            batch_size=16,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            train_steps=20,
+            ema_decay=0.9,
+            grid_sampler="ddim",
+            grid_steps=10,
+            clip_x0=True,
+        ),
+        Preset(
             name="demo",
             description="1.1M-parameter U-Net sized to train in about 12 minutes on 2 CPU cores (28x28x1)",
             image_shape=(28, 28, 1),
