@@ -80,13 +80,19 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"Train a DDPM with model.fit.\n\npresets:\n{presets}",
     )
-    train.add_argument("--data", default="fashion_mnist", help="'fashion_mnist' (default, bundled), 'tfds:NAME' or a folder of images")
+    train.add_argument(
+        "--data", default="fashion_mnist", help="'fashion_mnist' (default, bundled), 'tfds:NAME' or a folder of images"
+    )
     train.add_argument("--data-dir", help="where Fashion-MNIST's IDX files or tensorflow-datasets data live")
-    train.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="model size and settings (default: demo)")
+    train.add_argument(
+        "--preset", default="demo", choices=sorted(PRESETS), help="model size and settings (default: demo)"
+    )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: the preset's), rounded up to whole epochs")
     length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps")
-    train.add_argument("--steps-per-epoch", type=int, default=200, help="steps between checkpoints with --steps (default 200)")
+    train.add_argument(
+        "--steps-per-epoch", type=int, default=200, help="steps between checkpoints with --steps (default 200)"
+    )
     train.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     train.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples (default 0)")
@@ -129,7 +135,9 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
 
-    source = image_source(args.data, "train", args.data_dir, preset.image_shape[2] if Path(args.data).is_dir() else None)
+    source = image_source(
+        args.data, "train", args.data_dir, preset.image_shape[2] if Path(args.data).is_dir() else None
+    )
     print(f"Data: {source.description}")
     data = load_dataset(
         source,
@@ -203,7 +211,9 @@ def _sample(args: argparse.Namespace) -> int:
     model = load_diffusion_model(args.model)
     steps = args.steps if args.sampler == "ddim" else None
     if args.sampler == "ddpm" and args.steps not in (None, model.schedule.timesteps):
-        raise KddpmError(f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim for --steps {args.steps}.")
+        raise KddpmError(
+            f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim for --steps {args.steps}."
+        )
     print(f"Sampling {args.num} images with {args.sampler.upper()} ({steps or model.schedule.timesteps} steps)")
     images = model.sample(
         args.num,

@@ -82,7 +82,9 @@ def load_fashion_mnist(
     if split not in _FASHION_MNIST_FILES:
         raise KddpmError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise KddpmError(f"Fashion-MNIST directory {data_dir} does not exist; give the folder holding train-images-idx3-ubyte.gz.")
+        raise KddpmError(
+            f"Fashion-MNIST directory {data_dir} does not exist; give the folder holding train-images-idx3-ubyte.gz."
+        )
     if split == "train":
         for directory in fashion_mnist_dirs(data_dir):
             found = _idx_pair(directory, *_FASHION_MNIST_FILES["train"])
@@ -90,7 +92,9 @@ def load_fashion_mnist(
                 images, labels = (read_idx(p) for p in found)
                 return images[..., None], labels, f"Fashion-MNIST train split ({len(images)} images, {directory})"
         if data_dir is not None:
-            raise KddpmError(f"No train-images-idx3-ubyte(.gz) in {data_dir}; point data_dir at the Fashion-MNIST IDX files.")
+            raise KddpmError(
+                f"No train-images-idx3-ubyte(.gz) in {data_dir}; point data_dir at the Fashion-MNIST IDX files."
+            )
         prepared = _tfds_fashion_mnist()
         if prepared is not None:
             return prepared
@@ -116,7 +120,9 @@ def _tfds_fashion_mnist() -> tuple[np.ndarray, np.ndarray, str] | None:
     if not (Path(data_dir) / "fashion_mnist").is_dir():
         return None
     try:
-        data = tfds.as_numpy(tfds.load("fashion_mnist", split="train", batch_size=-1, download=False, data_dir=data_dir))
+        data = tfds.as_numpy(
+            tfds.load("fashion_mnist", split="train", batch_size=-1, download=False, data_dir=data_dir)
+        )
     except Exception:  # an incomplete or foreign cache: fall back to the bundled split
         return None
     return data["image"], data["label"].astype(np.uint8), f"Fashion-MNIST train split (tensorflow-datasets, {data_dir})"
@@ -138,9 +144,7 @@ def image_source(
     path = Path(source).expanduser()
     if path.is_dir():
         return _folder_source(path, channels)
-    raise KddpmError(
-        f"Unknown dataset {source!r}: use '{FASHION_MNIST}', 'tfds:NAME' or an existing folder of images."
-    )
+    raise KddpmError(f"Unknown dataset {source!r}: use '{FASHION_MNIST}', 'tfds:NAME' or an existing folder of images.")
 
 
 def _tfds_source(name: str, split: str, data_dir) -> ImageSource:
@@ -294,9 +298,7 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _resize_uint8(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    resized = keras.ops.image.resize(
-        tf.cast(image, tf.float32), size, crop_to_aspect_ratio=True, antialias=True
-    )
+    resized = keras.ops.image.resize(tf.cast(image, tf.float32), size, crop_to_aspect_ratio=True, antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 

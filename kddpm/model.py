@@ -227,9 +227,7 @@ class DiffusionModel(keras.Model):
                 else:
                     strategy.extended.update(ema, lambda e, w: e.assign(w), args=(weight,))
 
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            update, tf.distribute.get_strategy(), pairs, decay
-        )
+        tf.__internal__.distribute.interim.maybe_merge_call(update, tf.distribute.get_strategy(), pairs, decay)
 
     def reset_ema(self) -> None:
         """Copies the current weights into the EMA network."""
@@ -288,9 +286,7 @@ def _image_shape_of(denoiser: keras.Model, image_shape) -> tuple[int, int, int]:
         try:
             image_shape = tuple(denoiser.inputs[0].shape[1:])
         except (AttributeError, TypeError, IndexError, ValueError):
-            raise KddpmError(
-                "Cannot read the image shape from this denoiser; pass image_shape=(H, W, C)."
-            ) from None
+            raise KddpmError("Cannot read the image shape from this denoiser; pass image_shape=(H, W, C).") from None
     image_shape = tuple(image_shape)
     if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
         raise KddpmError(f"image_shape must be (H, W, C) with known sizes, got {image_shape}.")

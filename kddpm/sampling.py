@@ -16,6 +16,7 @@ images costs one graph call, or one per chunk when a progress bar is shown.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import keras
@@ -54,9 +55,7 @@ class SamplingPlan:
         ).astype(np.float32)
 
 
-def ddpm_plan(
-    schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool = False
-) -> SamplingPlan:
+def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool = False) -> SamplingPlan:
     """Algorithm 2 over all T steps; sigma_t^2 = beta_tilde_t (default) or beta_t, zero at t = 1."""
     if variance not in VARIANCES:
         raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
@@ -93,9 +92,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     return np.round(np.linspace(timesteps - 1, 0, steps)).astype(np.int64)
 
 
-def ddim_plan(
-    schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False
-) -> SamplingPlan:
+def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False) -> SamplingPlan:
     """DDIM over ``steps`` timesteps: eta = 0 is deterministic, eta = 1 over all T is DDPM."""
     if eta < 0:
         raise KddpmError(f"eta must be >= 0, got {eta}.")
@@ -134,9 +131,7 @@ def make_plan(
     """The plan for ``sampler`` ('ddpm' over all T steps, or 'ddim' over ``steps``, default 50)."""
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):
-            raise KddpmError(
-                f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}."
-            )
+            raise KddpmError(f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}.")
         return ddpm_plan(schedule, variance, clip_x0)
     if sampler == "ddim":
         return ddim_plan(schedule, steps or 50, eta, clip_x0)
@@ -192,9 +187,7 @@ class Sampler:
         if noise is not None:
             noise = tf.convert_to_tensor(noise, tf.float32)
             if tuple(noise.shape) != (plan.num_steps, *x.shape):
-                raise KddpmError(
-                    f"noise has shape {tuple(noise.shape)}; expected {(plan.num_steps, *x.shape)}."
-                )
+                raise KddpmError(f"noise has shape {tuple(noise.shape)}; expected {(plan.num_steps, *x.shape)}.")
         loop = self._function(plan.clip_x0, noise is not None)
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
@@ -204,7 +197,7 @@ class Sampler:
             return loop(x, key, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
         bar = keras.utils.Progbar(steps, unit_name="step")
         bounds = np.unique(np.linspace(0, steps, min(chunks, steps) + 1).round().astype(np.int32))
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in itertools.pairwise(bounds):
             x = loop(x, key, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra)
             bar.update(int(stop))
         return x

@@ -41,9 +41,7 @@ class NoiseSchedule:
                 "beta_start": float(params.pop("beta_start", 1e-4)),
                 "beta_end": float(params.pop("beta_end", 0.02)),
             }
-            betas = np.linspace(
-                self.params["beta_start"], self.params["beta_end"], self.timesteps, dtype=np.float64
-            )
+            betas = np.linspace(self.params["beta_start"], self.params["beta_end"], self.timesteps, dtype=np.float64)
         else:
             self.params = {"s": float(params.pop("s", 0.008))}
             betas = _cosine_betas(self.timesteps, self.params["s"])
@@ -54,9 +52,7 @@ class NoiseSchedule:
         self._compute_tables(betas)
 
     @classmethod
-    def linear(
-        cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-    ) -> NoiseSchedule:
+    def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """The paper's schedule: betas evenly spaced from ``beta_start`` to ``beta_end``."""
         return cls("linear", timesteps, beta_start=beta_start, beta_end=beta_end)
 
@@ -75,12 +71,8 @@ class NoiseSchedule:
         # beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t); zero at the first step.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # log(0) at the first step is replaced by the second step's value, as in the original code.
-        self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
-        )
-        self.posterior_mean_coef1 = (
-            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        )
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (
             (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
         )
@@ -116,13 +108,11 @@ class NoiseSchedule:
         """
         x_t = tf.convert_to_tensor(x_t, tf.float32)
         ndim = x_t.shape.rank
-        return (
-            x_t - self._extract("sqrt_one_minus_alphas_cumprod", t, ndim) * eps
-        ) / self._extract("sqrt_alphas_cumprod", t, ndim)
+        return (x_t - self._extract("sqrt_one_minus_alphas_cumprod", t, ndim) * eps) / self._extract(
+            "sqrt_alphas_cumprod", t, ndim
+        )
 
-    def q_posterior(
-        self, x0: tf.Tensor, x_t: tf.Tensor, t: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def q_posterior(self, x0: tf.Tensor, x_t: tf.Tensor, t: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0).
 
         mu_tilde = coef1_t x_0 + coef2_t x_t; variance beta_tilde_t. x0, x_t: [B, H, W, C]
@@ -132,8 +122,7 @@ class NoiseSchedule:
         x_t = tf.convert_to_tensor(x_t, tf.float32)
         ndim = x_t.shape.rank
         mean = (
-            self._extract("posterior_mean_coef1", t, ndim) * x0
-            + self._extract("posterior_mean_coef2", t, ndim) * x_t
+            self._extract("posterior_mean_coef1", t, ndim) * x0 + self._extract("posterior_mean_coef2", t, ndim) * x_t
         )
         return (
             mean,

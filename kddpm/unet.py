@@ -113,9 +113,7 @@ def build_unet(
                 h = block.attention(h)
             skips.append(h)
         if level != levels - 1:
-            h = keras.layers.Conv2D(
-                h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}"
-            )(h)
+            h = keras.layers.Conv2D(h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}")(h)
             skips.append(h)
 
     h = block.res(h, temb, h.shape[-1])
@@ -134,9 +132,7 @@ def build_unet(
 
     h = keras.layers.GroupNormalization(norm_groups, epsilon=1e-6, name="norm_out")(h)
     h = keras.layers.Activation("silu")(h)
-    eps = keras.layers.Conv2D(
-        channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps"
-    )(h)
+    eps = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps")(h)
     return keras.Model(inputs=[x_t, t], outputs=eps, name=name)
 
 

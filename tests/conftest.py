@@ -3,10 +3,10 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras  # noqa: E402
-import pytest  # noqa: E402
+import keras
+import pytest
 
-from kddpm import build_unet  # noqa: E402
+from kddpm import build_unet
 
 
 def tiny_unet(image_shape=(8, 8, 1), **overrides):

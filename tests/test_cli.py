@@ -15,14 +15,20 @@ ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
 def kddpm(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "kddpm.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=600, cwd=cwd, env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env=ENV,
     )
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    done = kddpm("train", "--preset", "tiny", "--steps", "4", "--steps-per-epoch", "2", "--grid-every", "1", "--out", out)
+    done = kddpm(
+        "train", "--preset", "tiny", "--steps", "4", "--steps-per-epoch", "2", "--grid-every", "1", "--out", out
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -30,8 +36,13 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_train_writes_model_checkpoints_grids_and_logs_quietly(run_dir):
     out, done = run_dir
-    for path in ("model.keras", "checkpoints/last.keras", "samples/epoch_0001.png", "samples/epoch_0002.png",
-                 "samples/final.png"):
+    for path in (
+        "model.keras",
+        "checkpoints/last.keras",
+        "samples/epoch_0001.png",
+        "samples/epoch_0002.png",
+        "samples/final.png",
+    ):
         assert (out / path).is_file(), path
     assert any((out / "logs").rglob("events.out.tfevents*"))
     last_line = done.stdout.strip().splitlines()[-1]
@@ -48,8 +59,9 @@ def test_sample_command_writes_a_deterministic_grid(run_dir, tmp_path):
     out, _ = run_dir
     first, second = tmp_path / "a.png", tmp_path / "b.png"
     for target in (first, second):
-        done = kddpm("sample", "--model", out, "--num", 6, "--sampler", "ddim", "--steps", 5, "--seed", 3,
-                     "--out", target)
+        done = kddpm(
+            "sample", "--model", out, "--num", 6, "--sampler", "ddim", "--steps", 5, "--seed", 3, "--out", target
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip().splitlines()[-1] == f"Samples: {target}"
     a = np.asarray(keras.utils.load_img(first, color_mode="grayscale"))

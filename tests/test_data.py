@@ -50,13 +50,14 @@ def test_missing_and_truncated_files_give_clear_errors(tmp_path):
     with pytest.raises(KddpmError, match="No train-images"):
         load_fashion_mnist("train", tmp_path)
     write_idx(tmp_path / "x.gz", np.zeros((4, 28, 28)))
-    data = gzip.open(tmp_path / "x.gz").read()
+    with gzip.open(tmp_path / "x.gz") as file:
+        data = file.read()
     with gzip.open(tmp_path / "short.gz", "wb") as file:
         file.write(data[:-100])
     with pytest.raises(KddpmError, match="truncated"):
         read_idx(tmp_path / "short.gz")
     (tmp_path / "cut.gz").write_bytes((tmp_path / "x.gz").read_bytes()[:30])
-    with pytest.raises(KddpmError, match="short.gz|cut.gz"):
+    with pytest.raises(KddpmError, match=r"cut\.gz"):
         read_idx(tmp_path / "cut.gz")
     with pytest.raises(KddpmError, match="Unknown dataset"):
         load_dataset(str(tmp_path / "missing-folder"))
@@ -87,7 +88,7 @@ def test_flips_are_seeded_and_shuffling_is_reproducible():
     (a, la), (b, lb) = first_batch(1), first_batch(1)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(la, lb)
-    raw, labels, _ = load_fashion_mnist("test")
+    raw, _, _ = load_fashion_mnist("test")
     # Every image is its original or its mirror image, and both occur.
     originals = {raw[i].tobytes(): i for i in range(len(raw))}
     flipped = 0

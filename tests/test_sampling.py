@@ -152,4 +152,6 @@ def test_bad_sampler_arguments(network, schedule):
     with pytest.raises(KddpmError, match="variance"):
         model.sample(2, variance="learned")
     with pytest.raises(KddpmError, match="noise has shape"):
-        Sampler(network, (8, 8, 1)).sample(ddim_plan(schedule, 4), x_T=np.zeros((2, 8, 8, 1)), noise=np.zeros((3, 2, 8, 8, 1)))
+        Sampler(network, (8, 8, 1)).sample(
+            ddim_plan(schedule, 4), x_T=np.zeros((2, 8, 8, 1)), noise=np.zeros((3, 2, 8, 8, 1))
+        )

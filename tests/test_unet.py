@@ -59,9 +59,7 @@ def test_keras_round_trip_gives_identical_outputs(tmp_path):
     loaded = keras.models.load_model(path)  # safe mode, no custom objects
     x = rng.standard_normal((4, 8, 8, 2)).astype(np.float32)
     t = np.array([0, 3, 400, 999], np.int32)
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(model([x, t])), keras.ops.convert_to_numpy(loaded([x, t]))
-    )
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model([x, t])), keras.ops.convert_to_numpy(loaded([x, t])))
 
 
 def test_sizes_the_down_sampling_cannot_divide_are_refused():
