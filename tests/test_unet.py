@@ -9,7 +9,7 @@ from conftest import tiny_unet
 
 from kddpm import KddpmError, build_unet
 from kddpm.presets import PRESETS
-from kddpm.unet import SinusoidalEmbedding
+from kddpm.unet import GroupNorm, SinusoidalEmbedding
 
 
 def test_cifar10_preset_has_the_papers_parameter_count():
@@ -67,3 +67,38 @@ def test_sizes_the_down_sampling_cannot_divide_are_refused():
         build_unet((28, 30, 1), 8, (1, 2, 2), 1, (), 0.0, norm_groups=4)
     with pytest.raises(KddpmError, match="norm_groups"):
         build_unet((8, 8, 1), 12, (1, 2), 1, (), 0.0, norm_groups=8)
+
+
+def test_group_norm_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 5, 4, 12)) * 3 + 1).astype(np.float32)
+    layer = GroupNorm(4)
+    layer.build(x.shape)
+    gamma, beta = rng.standard_normal(12).astype(np.float32), rng.standard_normal(12).astype(np.float32)
+    layer.set_weights([gamma, beta])
+    groups = x.reshape(3, 5, 4, 4, 3)
+    mean = groups.mean(axis=(1, 2, 4), keepdims=True)
+    var = groups.var(axis=(1, 2, 4), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(var + 1e-6)).reshape(x.shape) * gamma + beta
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, atol=1e-4)
+
+
+def test_attention_block_matches_numpy():
+    from kddpm.unet import _Blocks
+
+    x_in = keras.Input((4, 4, 8))
+    model = keras.Model(x_in, _Blocks(0.0, 2).attention(x_in))
+    rng = np.random.default_rng(1)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    x = rng.standard_normal((2, 4, 4, 8)).astype(np.float32)
+    # Functional weight order follows the graph: Attention takes [query, value, key].
+    gamma, beta, wq, bq, wv, bv, wk, bk, wo, bo = model.get_weights()
+    groups = x.reshape(2, 16, 2, 4)
+    h = (groups - groups.mean(axis=(1, 3), keepdims=True)) / np.sqrt(groups.var(axis=(1, 3), keepdims=True) + 1e-6)
+    h = h.reshape(2, 16, 8) * gamma + beta
+    q, k, v = h @ wq + bq, h @ wk + bk, h @ wv + bv
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(8)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = x + ((weights @ v) @ wo + bo).reshape(2, 4, 4, 8)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), expected, atol=1e-4)
