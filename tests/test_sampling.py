@@ -140,7 +140,7 @@ def test_xla_sampler_matches_the_plain_graph(network, schedule):
     plan = ddim_plan(schedule, 10, eta=0.5)
     plain = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
     xla = Sampler(network, (8, 8, 1), jit_compile=True).sample(plan, x_T=x_T, noise=noise).numpy()
-    np.testing.assert_allclose(plain, xla, atol=1e-4)
+    np.testing.assert_allclose(plain, xla, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_sampler_arguments(network, schedule):
