@@ -61,8 +61,7 @@ def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bo
         raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
     s = schedule
     timesteps = np.arange(s.timesteps - 1, -1, -1)
-    variances = s.posterior_variance if variance == "beta_tilde" else s.betas.copy()
-    variances = variances.copy()
+    variances = (s.posterior_variance if variance == "beta_tilde" else s.betas).copy()
     variances[0] = 0.0  # the last step returns the mean
     if clip_x0:
         coef_x0, coef_xt = s.posterior_mean_coef1, s.posterior_mean_coef2
