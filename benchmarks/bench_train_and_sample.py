@@ -24,7 +24,10 @@ import tensorflow as tf
 
 from kddpm.presets import PRESETS
 from kddpm.sampling import Sampler, ddim_plan
+from kddpm.schedule import NoiseSchedule
 from kddpm.training import Throughput, create_model, make_optimizer
+
+SCHEDULE = NoiseSchedule.linear()
 
 
 def train_throughput(preset_name: str, precision: str, steps: int, batch_size: int = 64) -> float:
@@ -42,8 +45,8 @@ def train_throughput(preset_name: str, precision: str, steps: int, batch_size: i
 
 def sampler_step_seconds(network, image_shape, batch: int, steps: int) -> float:
     sampler = Sampler(network, image_shape)
-    plan = ddim_plan(_schedule(), steps, eta=1.0)
-    sampler.sample(ddim_plan(_schedule(), 2), batch, seed=0).numpy()  # trace once
+    plan = ddim_plan(SCHEDULE, steps, eta=1.0)
+    sampler.sample(ddim_plan(SCHEDULE, 2), batch, seed=0).numpy()  # trace once
     start = time.perf_counter()
     sampler.sample(plan, batch, seed=1).numpy()
     return (time.perf_counter() - start) / steps
@@ -51,7 +54,7 @@ def sampler_step_seconds(network, image_shape, batch: int, steps: int) -> float:
 
 def predict_loop_step_seconds(network, image_shape, steps: int) -> float:
     """keras-io's way: one `predict` call per reverse step, the update in numpy."""
-    schedule = _schedule()
+    schedule = SCHEDULE
     x = np.random.default_rng(0).standard_normal((1, *image_shape)).astype(np.float32)
     network.predict([x, np.array([999], np.int32)], verbose=0)
     start = time.perf_counter()
@@ -61,12 +64,6 @@ def predict_loop_step_seconds(network, image_shape, steps: int) -> float:
         x = (x - (1 - alpha) / np.sqrt(1 - abar) * eps) / np.sqrt(alpha)
         x = x + np.sqrt(schedule.betas[t]) * np.random.standard_normal(x.shape).astype(np.float32)
     return (time.perf_counter() - start) / steps
-
-
-def _schedule():
-    from kddpm.schedule import NoiseSchedule
-
-    return NoiseSchedule.linear()
 
 
 def main() -> None:

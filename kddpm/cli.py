@@ -10,6 +10,8 @@ import time
 import traceback
 from pathlib import Path
 
+GRID_IMAGES = 64
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -173,15 +175,19 @@ def _train(args: argparse.Namespace) -> int:
         callbacks=[
             keras.callbacks.ModelCheckpoint(out / "checkpoints" / "last.keras"),
             keras.callbacks.TensorBoard(out / "logs"),
-            SampleGrid(out / "samples", every=args.grid_every, seed=args.seed, **grid_settings),
+            SampleGrid(out / "samples", every=args.grid_every, num_images=GRID_IMAGES, seed=args.seed, **grid_settings),
             throughput,
         ],
         verbose=1,
     )
     train_seconds = time.time() - started
     _save_atomically(model, model_path)
-    print(f"Sampling a {64}-image grid ({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)")
-    grid = write_grid(model.sample(64, seed=args.seed, progress=True, **grid_settings), out / "samples" / "final.png")
+    print(
+        f"Sampling a {GRID_IMAGES}-image grid "
+        f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)"
+    )
+    images = model.sample(GRID_IMAGES, seed=args.seed, progress=True, **grid_settings)
+    grid = write_grid(images, out / "samples" / "final.png")
     loss = history.history["loss"][-1]
     print(
         f"Trained {epochs * steps_per_epoch} steps in {train_seconds / 60:.1f} min, final loss {loss:.4f}, "
