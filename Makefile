@@ -9,14 +9,14 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,export]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/kddpm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
-	$(BIN)/ruff check kddpm tests benchmarks
+	$(BIN)/ruff check kddpm tests benchmarks export
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -62,6 +62,7 @@ def _quiet_tensorflow(verbose: bool) -> None:
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,6 +116,23 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     sample.set_defaults(run=_sample)
+
+    export = verbs.add_parser(
+        "export",
+        parents=[common],
+        help="export the EMA denoiser for TF Serving and ONNX Runtime",
+        description="Export a trained model's EMA denoiser: a SavedModel in TF Serving's OUT/NAME/VERSION/ "
+        "layout and/or OUT/NAME.onnx, each checked against the Keras model before it is written.",
+    )
+    export.add_argument("--model", required=True, help="run folder or .keras file")
+    export.add_argument("--format", choices=["saved_model", "onnx", "all"], default="all")
+    export.add_argument("--out", default="exported", help="base folder (default: exported)")
+    export.add_argument("--name", default="kddpm", help="model name: the SavedModel folder and ONNX file name")
+    export.add_argument("--version", type=int, help="SavedModel version (default: one more than the highest there)")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--clip-x0", action="store_true", help="the SavedModel's sample signatures clip x0")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
+    export.set_defaults(run=_export)
     return parser
 
 
@@ -233,6 +251,26 @@ def _sample(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(f"Samples: {write_grid(images, out)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from kddpm.export import export_model
+
+    results = export_model(
+        args.model,
+        args.out,
+        args.format,
+        model_name=args.name,
+        version=args.version,
+        opset=args.opset,
+        clip_x0=args.clip_x0,
+        overwrite=args.overwrite,
+        log=print,
+    )
+    for result in results:
+        print(f"  {result.path}: max |{result.label} - Keras| = {result.max_abs_diff:.2e}")
+    print("Exported: " + "  ".join(f"{result.label}: {result.path}" for result in results))
     return 0
 
 

@@ -10,6 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# Registers the U-Net's custom layers, so that a saved model loads without custom_objects
+# in a process that never built one.
+import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
 from kddpm.sampling import Sampler, make_plan
 from kddpm.schedule import NoiseSchedule

@@ -84,39 +84,50 @@ def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bo
 
 def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     """``steps`` timesteps evenly spaced over [0, T-1], both ends included, decreasing."""
-    if not 1 <= steps <= timesteps:
-        raise KddpmError(f"DDIM steps must be between 1 and T={timesteps}, got {steps}.")
-    if steps == 1:
-        return np.array([timesteps - 1])
-    return np.round(np.linspace(timesteps - 1, 0, steps)).astype(np.int64)
+    _check_ddim_steps(timesteps, steps)
+    return ddim_tables(tf.zeros([timesteps], tf.float64), tf.constant(steps))[0].numpy().astype(np.int64)
 
 
 def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False) -> SamplingPlan:
     """DDIM over ``steps`` timesteps: eta = 0 is deterministic, eta = 1 over all T is DDPM."""
     if eta < 0:
         raise KddpmError(f"eta must be >= 0, got {eta}.")
-    timesteps = ddim_timesteps(schedule.timesteps, steps)
-    abar = schedule.alphas_cumprod[timesteps]
-    abar_prev = np.append(schedule.alphas_cumprod[timesteps[1:]], 1.0)
-    sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar)) * np.sqrt(1.0 - abar / abar_prev)
-    direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
+    _check_ddim_steps(schedule.timesteps, steps)
+    timesteps, rows = ddim_tables(tf.constant(schedule.alphas_cumprod), tf.constant(steps), eta, clip_x0)
+    return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=clip_x0)
+
+
+def ddim_tables(
+    alphas_cumprod: tf.Tensor, steps: tf.Tensor, eta: float | tf.Tensor = 0.0, clip_x0: bool = False
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """The DDIM plan as tensors, so that a graph can build it from a ``steps`` input.
+
+    alphas_cumprod: [T] float64. steps: int32 scalar in [1, T]. Returns timesteps [S] int32
+    and the six coefficient rows, each [S] float64, in ``SamplingPlan`` order.
+    """
+    last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
+    timesteps = tf.cast(tf.round(tf.linspace(last, tf.constant(0.0, tf.float64), steps)), tf.int32)
+    abar = tf.gather(alphas_cumprod, timesteps)
+    abar_prev = tf.concat([abar[1:], tf.ones([1], tf.float64)], axis=0)
+    eta = tf.cast(eta, tf.float64)
+    sigma = eta * tf.sqrt((1.0 - abar_prev) / (1.0 - abar)) * tf.sqrt(1.0 - abar / abar_prev)
+    direction = tf.sqrt(tf.maximum(1.0 - abar_prev - sigma**2, 0.0))
+    zeros = tf.zeros_like(abar)
     if clip_x0:
-        coef_x0, coef_xt, coef_eps = np.sqrt(abar_prev), np.zeros_like(abar), direction
+        coef_x0, coef_xt, coef_eps = tf.sqrt(abar_prev), zeros, direction
     else:
         # sqrt(abar_prev) * x0_hat expanded, so that no clip-free step divides by sqrt(abar).
-        coef_x0 = np.zeros_like(abar)
-        coef_xt = np.sqrt(abar_prev / abar)
-        coef_eps = direction - np.sqrt(abar_prev) * np.sqrt(1.0 - abar) / np.sqrt(abar)
-    return SamplingPlan(
-        timesteps=timesteps,
-        x0_from_xt=1.0 / np.sqrt(abar),
-        x0_from_eps=np.sqrt(1.0 / abar - 1.0),
-        coef_x0=coef_x0,
-        coef_xt=coef_xt,
-        coef_eps=coef_eps,
-        sigma=sigma,
-        clip_x0=clip_x0,
-    )
+        coef_x0 = zeros
+        coef_xt = tf.sqrt(abar_prev / abar)
+        coef_eps = direction - tf.sqrt(abar_prev) * tf.sqrt(1.0 - abar) / tf.sqrt(abar)
+    x0_from_xt = 1.0 / tf.sqrt(abar)
+    x0_from_eps = tf.sqrt(1.0 / abar - 1.0)
+    return timesteps, [x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma]
+
+
+def _check_ddim_steps(timesteps: int, steps: int) -> None:
+    if not 1 <= steps <= timesteps:
+        raise KddpmError(f"DDIM steps must be between 1 and T={timesteps}, got {steps}.")
 
 
 def make_plan(
@@ -137,9 +148,19 @@ def make_plan(
     raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
 
 
-def seed_pair(seed: int) -> tf.Tensor:
-    """A user's integer seed as the [2] int64 key that stateless random ops take."""
-    return tf.constant([int(seed) & 0x7FFFFFFF, int(seed) >> 31], dtype=tf.int64)
+def seed_pair(seed: int | tf.Tensor) -> tf.Tensor:
+    """A user's integer seed (a Python int or an int64 scalar tensor) as the [2] int64 key
+    that stateless random ops take."""
+    seed = tf.convert_to_tensor(seed, tf.int64)
+    return tf.stack([tf.bitwise.bitwise_and(seed, 0x7FFFFFFF), tf.bitwise.right_shift(seed, 31)])
+
+
+def initial_noise(key: tf.Tensor, num_images: int | tf.Tensor, image_shape: tuple[int, int, int]) -> tf.Tensor:
+    """x_T ~ N(0, I): [num_images, H, W, C] float32, a function of the key alone."""
+    return tf.random.stateless_normal(
+        tf.concat([tf.reshape(num_images, [1]), image_shape], axis=0),
+        seed=tf.random.experimental.stateless_fold_in(key, 0),
+    )
 
 
 class Sampler:
@@ -176,10 +197,7 @@ class Sampler:
         if x_T is None:
             if not num_images or num_images < 1:
                 raise KddpmError(f"num_images must be a positive integer, got {num_images}.")
-            x_T = tf.random.stateless_normal(
-                (num_images, *self.image_shape),
-                seed=tf.random.experimental.stateless_fold_in(key, 0),
-            )
+            x_T = initial_noise(key, num_images, self.image_shape)
         x = tf.convert_to_tensor(x_T, tf.float32)
         if tuple(x.shape[1:]) != self.image_shape:
             raise KddpmError(f"x_T has shape {tuple(x.shape)}; expected [B, {', '.join(map(str, self.image_shape))}].")
@@ -215,13 +233,16 @@ class Sampler:
             if explicit_noise:
                 signature.append(tf.TensorSpec([None, None, *self.image_shape], tf.float32))
             self._functions[key] = tf.function(
-                self._build_loop(clip_x0, explicit_noise),
+                self.loop(clip_x0, explicit_noise),
                 input_signature=signature,
                 jit_compile=self.jit_compile,
             )
         return self._functions[key]
 
-    def _build_loop(self, clip_x0: bool, explicit_noise: bool):
+    def loop(self, clip_x0: bool, explicit_noise: bool):
+        """The reverse loop as a plain Python function of tensors, for use inside any graph:
+        ``loop(x, key, timesteps, coefficients, start, stop[, noise]) -> x`` runs plan steps
+        [start, stop) from x; timesteps [S] int32, coefficients [S, 6] float32."""
         network = self.network
 
         def loop(x, key, timesteps, coefficients, start, stop, noise=None):
@@ -250,9 +271,13 @@ class Sampler:
 
 
 def to_uint8(images: np.ndarray | tf.Tensor) -> np.ndarray:
-    """Images in [-1, 1], [B, H, W, C] float -> uint8 in 0..255 (values outside are clipped)."""
-    images = np.asarray(images, dtype=np.float32)
-    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    """Images in [-1, 1], [B, H, W, C] float -> uint8 numpy in 0..255 (values outside are clipped)."""
+    return to_uint8_tensor(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
+def to_uint8_tensor(images: tf.Tensor) -> tf.Tensor:
+    """The graph form of ``to_uint8``: [B, H, W, C] float32 in [-1, 1] -> uint8 tensor."""
+    return tf.cast(tf.round((tf.clip_by_value(images, -1.0, 1.0) + 1.0) * 127.5), tf.uint8)
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:

@@ -108,3 +108,21 @@ def test_train_help_lists_the_presets():
     done = kddpm("train", "--help")
     for name in ("tiny", "demo", "small", "cifar10"):
         assert name in done.stdout
+
+
+@pytest.mark.slow
+def test_export_command_writes_both_formats_quietly(run_dir, tmp_path):
+    out, _ = run_dir
+    done = kddpm("export", "--model", out, "--out", tmp_path / "exported")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "exported" / "kddpm" / "1" / "saved_model.pb").is_file()
+    assert (tmp_path / "exported" / "kddpm.onnx").is_file()
+    assert "max |SavedModel - Keras|" in done.stdout and "max |ONNX Runtime - Keras|" in done.stdout
+    last_line = done.stdout.strip().splitlines()[-1]
+    assert (
+        str(tmp_path / "exported" / "kddpm" / "1") in last_line
+        and str(tmp_path / "exported" / "kddpm.onnx") in last_line
+    )
+    assert "I0000" not in done.stderr and "WARNING" not in done.stderr and "Traceback" not in done.stderr
+    again = kddpm("export", "--model", out, "--format", "onnx", "--out", tmp_path / "exported")
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr

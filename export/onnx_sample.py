@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Samples images from a kddpm ONNX denoiser with numpy and ONNX Runtime only (no TensorFlow).
+
+    pip install numpy onnxruntime
+    python onnx_sample.py --model exported/kddpm.onnx --num 16 --sampler ddim --steps 50 --out grid.png
+
+The network is the ONNX file; the reverse process (Algorithm 2 of Ho et al. 2020, or DDIM) runs
+here in numpy, with the noise schedule read from the file's ``metadata_props``. This file is
+self-contained so that it can be copied onto a serving machine on its own: it repeats, in
+numpy, the schedule and sampler formulas of ``kddpm.schedule`` and ``kddpm.sampling`` (the
+test suite checks that both give the same images from the same noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class KddpmOnnxError(ValueError):
+    """Bad input: the message names the problem and the fix."""
+
+
+# --- The schedule, from metadata ---------------------------------------------------------------
+
+
+def read_metadata(session) -> dict:
+    """The kddpm metadata of an ONNX Runtime session: schedule config, image shape, T."""
+    props = session.get_modelmeta().custom_metadata_map
+    if props.get("kddpm.format") != "1" or "kddpm.schedule" not in props:
+        raise KddpmOnnxError(
+            "This ONNX file has no kddpm metadata (metadata_props 'kddpm.*'); export it with "
+            "`kddpm export --format onnx` or `kddpm.export.export_onnx`."
+        )
+    try:
+        metadata = {
+            "schedule": json.loads(props["kddpm.schedule"]),
+            "image_shape": tuple(int(d) for d in json.loads(props["kddpm.image_shape"])),
+            "timesteps": int(props["kddpm.timesteps"]),
+        }
+    except (KeyError, ValueError, TypeError) as error:
+        raise KddpmOnnxError(f"The file's kddpm metadata is damaged ({error}); export the model again.") from None
+    return metadata
+
+
+def betas_of(schedule: dict) -> np.ndarray:
+    """beta_1..beta_T (float64 [T]) of a schedule config {'kind', 'timesteps', params...}."""
+    timesteps = int(schedule["timesteps"])
+    if schedule["kind"] == "linear":
+        return np.linspace(schedule["beta_start"], schedule["beta_end"], timesteps, dtype=np.float64)
+    if schedule["kind"] == "cosine":
+        steps = np.arange(timesteps + 1, dtype=np.float64)
+        f = np.cos(((steps / timesteps + schedule["s"]) / (1.0 + schedule["s"])) * math.pi / 2.0) ** 2
+        alphas_cumprod = f / f[0]
+        return np.clip(1.0 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0.0, 0.999)
+    raise KddpmOnnxError(f"Unknown schedule kind {schedule['kind']!r} in the metadata; update onnx_sample.py.")
+
+
+# --- Plans: per-step timesteps and coefficients ------------------------------------------------
+
+
+def plan(
+    betas: np.ndarray, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, variance: str = "beta_tilde"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(timesteps [S], x0 coefficients [S], posterior coefficients of (x0, x_t) [S, 2], sigma [S]).
+
+    Each step computes x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clips
+    it, and returns x_prev = a * x0_hat + b * x_t + c * eps + sigma * z (see ``step``).
+    """
+    timesteps_total = len(betas)
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    if sampler == "ddpm":
+        if steps not in (None, timesteps_total):
+            raise KddpmOnnxError(f"DDPM takes all T={timesteps_total} steps; use --sampler ddim for {steps} steps.")
+        taus = np.arange(timesteps_total - 1, -1, -1)
+        abar_prev = np.append(1.0, abar[:-1])[taus]
+        # Posterior mean of q(x_{t-1} | x_t, x0): coefficients of x0 and x_t (ddpm.md).
+        a = np.sqrt(abar_prev) * betas[taus] / (1.0 - abar[taus])
+        b = np.sqrt(alphas[taus]) * (1.0 - abar_prev) / (1.0 - abar[taus])
+        c = np.zeros_like(a)
+        if variance == "beta_tilde":
+            sigma2 = betas[taus] * (1.0 - abar_prev) / (1.0 - abar[taus])
+        elif variance == "beta":
+            sigma2 = betas[taus].copy()
+        else:
+            raise KddpmOnnxError(f"Unknown variance {variance!r}; use 'beta_tilde' or 'beta'.")
+        sigma2[-1] = 0.0  # the last step returns the mean
+        return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2)
+    if sampler == "ddim":
+        steps = 50 if steps is None else int(steps)
+        if not 1 <= steps <= timesteps_total:
+            raise KddpmOnnxError(f"DDIM steps must be between 1 and T={timesteps_total}, got {steps}.")
+        taus = np.round(np.linspace(timesteps_total - 1, 0, steps)).astype(np.int64)
+        abar_t = abar[taus]
+        abar_prev = np.append(abar[taus[1:]], 1.0)
+        sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
+        direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
+        a = np.sqrt(abar_prev)
+        return taus, a, np.stack([np.zeros_like(a), direction], axis=1), sigma
+    raise KddpmOnnxError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+
+
+def sample(
+    session,
+    num_images: int | None = None,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 0.0,
+    variance: str = "beta_tilde",
+    clip_x0: bool = False,
+    seed: int = 0,
+    x_T: np.ndarray | None = None,
+    noise: np.ndarray | None = None,
+) -> np.ndarray:
+    """Runs the reverse process with the ONNX denoiser; returns x_0 [B, H, W, C] float32.
+
+    x_T: [B, H, W, C] initial noise and noise: [S, B, H, W, C] per-step noise, drawn from
+    numpy's generator seeded with ``seed`` when not given.
+    """
+    metadata = read_metadata(session)
+    betas = betas_of(metadata["schedule"])
+    taus, coef_x0, coef_xt_eps, sigma = plan(betas, sampler, steps, eta, variance)
+    abar = np.cumprod(1.0 - betas)
+    rng = np.random.default_rng(seed)
+    if x_T is None:
+        if not num_images or num_images < 1:
+            raise KddpmOnnxError(f"The number of images must be a positive integer, got {num_images}.")
+        x_T = rng.standard_normal((num_images, *metadata["image_shape"]))
+    x = np.asarray(x_T, dtype=np.float64)  # the loop runs in float64; only the network sees float32
+    if x.ndim != 4 or tuple(x.shape[1:]) != metadata["image_shape"]:
+        raise KddpmOnnxError(
+            f"x_T has shape {x.shape}; this model takes [B, {', '.join(map(str, metadata['image_shape']))}]."
+        )
+    for k, t in enumerate(taus):
+        (eps,) = session.run(["eps"], {"x_t": x.astype(np.float32), "t": np.full(len(x), t, dtype=np.int32)})
+        x0_hat = (x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t])
+        if clip_x0:
+            x0_hat = np.clip(x0_hat, -1.0, 1.0)
+        z = rng.standard_normal(x.shape) if noise is None else noise[k]
+        x = coef_x0[k] * x0_hat + coef_xt_eps[k, 0] * x + coef_xt_eps[k, 1] * eps + sigma[k] * z
+    return x.astype(np.float32)
+
+
+# --- Output ----------------------------------------------------------------------------------
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8 0..255."""
+    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+    """uint8 [B, H, W, C] tiled into a near-square [rows*H, cols*W, C] grid."""
+    count, height, width, channels = images.shape
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    return grid
+
+
+def write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Writes a uint8 [H, W, 1|3] image as an 8-bit PNG (zlib only, so no imaging library)."""
+    height, width, channels = image.shape
+    color_type = {1: 0, 3: 2, 4: 6}[channels]
+    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    path = Path(path)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def open_session(model: str | Path):
+    """An ONNX Runtime session for ``model``, with clear errors for a missing or broken file."""
+    import onnxruntime
+
+    model = Path(model)
+    if not model.is_file():
+        raise KddpmOnnxError(f"No ONNX file at {model}; export one with `kddpm export --format onnx`.")
+    try:
+        return onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable files
+        raise KddpmOnnxError(f"Cannot load {model} ({str(error).splitlines()[0][:200]}); export it again.") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Sample a PNG grid from a kddpm ONNX denoiser (numpy + onnxruntime).")
+    parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
+    parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
+    parser.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
+    args = parser.parse_args(argv)
+    try:
+        session = open_session(args.model)
+        images = sample(session, args.num, args.sampler, args.steps, args.eta, clip_x0=args.clip_x0, seed=args.seed)
+        path = write_png(args.out, image_grid(to_uint8(images)))
+    except KddpmOnnxError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"Samples: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Exports a trained model's EMA denoiser for deployment, checking each export against Keras.
+
+Two formats:
+
+* **SavedModel for TF Serving**, written to ``BASE/<model_name>/<version>/`` with the
+  signatures ``serving_default`` (``x_t``, ``t`` -> ``eps``), ``sample`` (``num_images``,
+  ``seed``, ``sampler``, ``steps`` -> ``images`` uint8) and ``sample_from_noise`` (``x_T``,
+  ``seed``, ``sampler``, ``steps`` -> ``images``). A version is written to a hidden folder
+  beside the final one, loaded back, compared with Keras, and only then renamed into place,
+  so a server polling BASE never sees a half-written or wrong version.
+* **ONNX** of the denoiser (``x_t``, ``t`` -> ``eps``, dynamic batch), converted with tf2onnx,
+  with the schedule in ``metadata_props`` so that ``export/onnx_sample.py`` can sample with
+  numpy and ONNX Runtime alone. ONNX Runtime's output is compared with Keras' before the file
+  is written.
+
+The sampling loop stays out of the ONNX file: tf2onnx cannot convert stateless random ops,
+and noise drawn by the caller keeps the loop in plain numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kddpm.errors import KddpmError
+from kddpm.model import DiffusionModel, load_diffusion_model
+from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, initial_noise, seed_pair, to_uint8_tensor
+
+FORMATS = ("saved_model", "onnx", "all")
+DEFAULT_OPSET = 17
+# Largest |ONNX Runtime - Keras| (or |SavedModel - Keras|) accepted on the parity check.
+TOLERANCE = 1e-4
+# Keys of the ONNX metadata that onnx_sample.py reads.
+METADATA_FORMAT = "kddpm.format"
+METADATA_KEYS = ("kddpm.schedule", "kddpm.image_shape", "kddpm.timesteps")
+_PARITY_BATCHES = (1, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """Where an export went and how far it is from Keras (max abs difference of eps)."""
+
+    format: str
+    path: Path
+    max_abs_diff: float
+
+    @property
+    def label(self) -> str:
+        return {"saved_model": "SavedModel", "onnx": "ONNX Runtime"}[self.format]
+
+
+def export_model(
+    model: DiffusionModel | str | os.PathLike,
+    out: str | os.PathLike,
+    format: str = "all",
+    model_name: str = "kddpm",
+    version: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    clip_x0: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], Any] | None = None,
+) -> list[ExportResult]:
+    """Exports ``model`` (a DiffusionModel, a ``.keras`` file or a run folder) into ``out``.
+
+    SavedModel: ``out/<model_name>/<version>/``; ONNX: ``out/<model_name>.onnx``. See
+    ``export_saved_model`` and ``export_onnx`` for the arguments. Every target is checked
+    before anything is written, so a refused ONNX file does not leave a new SavedModel
+    version behind. log: called with a line before each slow step.
+    """
+    log = log or (lambda line: None)
+    if format not in FORMATS:
+        raise KddpmError(f"Unknown export format {format!r}; use one of {FORMATS}.")
+    out = Path(out)
+    if format in ("saved_model", "all"):
+        _saved_model_target(out, model_name, version)
+    if format in ("onnx", "all"):
+        _onnx_target(out / f"{model_name}.onnx", overwrite)
+    if not isinstance(model, DiffusionModel):
+        log(f"Loading {model}...")
+        model = load_diffusion_model(model)
+    results = []
+    if format in ("saved_model", "all"):
+        log("Writing the SavedModel and checking it against the Keras model...")
+        results.append(export_saved_model(model, out, model_name, version, clip_x0))
+    if format in ("onnx", "all"):
+        log("Converting to ONNX and checking ONNX Runtime against the Keras model...")
+        results.append(export_onnx(model, out / f"{model_name}.onnx", opset, overwrite))
+    return results
+
+
+# --- SavedModel ------------------------------------------------------------------------------
+
+
+def export_saved_model(
+    model: DiffusionModel,
+    base_dir: str | os.PathLike,
+    model_name: str = "kddpm",
+    version: int | None = None,
+    clip_x0: bool = False,
+) -> ExportResult:
+    """Writes ``base_dir/<model_name>/<version>/`` (TF Serving's layout) and returns it.
+
+    version: a positive integer; default one more than the highest version already there.
+    An existing version is never replaced. clip_x0: whether the ``sample`` signatures clip
+    the predicted x0 to [-1, 1] at each step.
+    """
+    final = _saved_model_target(Path(base_dir), model_name, version)
+    model_dir, version = final.parent, int(final.name)
+    # Hidden and non-numeric, so TF Serving ignores it until the rename.
+    partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
+    try:
+        _serving_archive(model, clip_x0).write_out(str(partial), verbose=False)
+        max_abs_diff = _saved_model_parity(model, partial)
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return ExportResult("saved_model", final, max_abs_diff)
+
+
+def _saved_model_target(base_dir: Path, model_name: str, version: int | None) -> Path:
+    """The version folder an export will create, after checking that it can."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", model_name):
+        raise KddpmError(f"Model name {model_name!r} must be letters, digits, '_', '.' or '-'.")
+    model_dir = _writable_dir(base_dir / model_name)
+    existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    if version is None:
+        version = max(existing, default=0) + 1
+    if version < 1:
+        raise KddpmError(f"Version must be a positive integer, got {version}.")
+    final = model_dir / str(version)
+    if final.exists():
+        raise KddpmError(f"{final} already exists; give another --version or leave it out to use the next one.")
+    return final
+
+
+def _serving_archive(model: DiffusionModel, clip_x0: bool) -> keras.export.ExportArchive:
+    network = model.ema_denoiser
+    height, width, channels = model.image_shape
+    timesteps = model.schedule.timesteps
+    sampler = Sampler(network, model.image_shape)
+    loop = sampler.loop(clip_x0, explicit_noise=False)
+    ddpm = ddpm_plan(model.schedule, clip_x0=clip_x0)
+    alphas_cumprod = model.schedule.alphas_cumprod
+
+    shape_text = ", ".join(map(str, model.image_shape))
+
+    def image_checks(images, name):
+        # Serving does not enforce a signature's shape, only its dtype; a wrong image size
+        # would otherwise fail deep inside the network with a message about a reshape.
+        return [
+            tf.debugging.assert_equal(
+                tf.shape(images)[1:], model.image_shape, message=f"{name} must be [B, {shape_text}]"
+            )
+        ]
+
+    def denoise(x_t, t):
+        checks = [
+            *image_checks(x_t, "x_t"),
+            tf.debugging.assert_equal(tf.shape(t), tf.shape(x_t)[:1], message="t must be [B], one per image in x_t"),
+            tf.debugging.assert_greater_equal(t, 0, message=f"t must be in [0, {timesteps})"),
+            tf.debugging.assert_less(t, timesteps, message=f"t must be in [0, {timesteps})"),
+        ]
+        with tf.control_dependencies(checks):
+            return {"eps": tf.cast(network([x_t, t], training=False), tf.float32)}
+
+    def plan(sampler_name, steps):
+        is_ddpm = tf.equal(sampler_name, "ddpm")
+        is_ddim = tf.equal(sampler_name, "ddim")
+        valid_steps = tf.logical_or(is_ddpm, tf.logical_and(steps >= 1, steps <= timesteps))
+        checks = [
+            tf.debugging.Assert(tf.logical_or(is_ddpm, is_ddim), ["sampler must be ddpm or ddim, got", sampler_name]),
+            tf.debugging.Assert(valid_steps, [f"DDIM steps must be in [1, {timesteps}], got", steps]),
+        ]
+        with tf.control_dependencies(checks):
+
+            def ddim():
+                ddim_timesteps, rows = ddim_tables(tf.constant(alphas_cumprod), steps, 0.0, clip_x0)
+                return ddim_timesteps, tf.cast(tf.stack(rows, axis=1), tf.float32)
+
+            return tf.cond(
+                is_ddpm,
+                lambda: (tf.constant(ddpm.timesteps, tf.int32), tf.constant(ddpm.coefficients())),
+                ddim,
+            )
+
+    def run(x_T, seed, sampler_name, steps):
+        # Row-format requests send every input once per instance; the first one is used.
+        key = seed_pair(seed[0])
+        plan_timesteps, coefficients = plan(sampler_name[0], steps[0])
+        stop = tf.shape(plan_timesteps)[0]
+        x_0 = loop(x_T, key, plan_timesteps, coefficients, tf.constant(0), stop)
+        return {"images": to_uint8_tensor(x_0)}
+
+    def sample(num_images, seed, sampler, steps):
+        count = num_images[0]
+        with tf.control_dependencies([tf.debugging.assert_positive(count, message="num_images must be >= 1")]):
+            x_T = initial_noise(seed_pair(seed[0]), count, model.image_shape)
+        return run(x_T, seed, sampler, steps)
+
+    def sample_from_noise(x_T, seed, sampler, steps):
+        with tf.control_dependencies(image_checks(x_T, "x_T")):
+            return run(tf.identity(x_T), seed, sampler, steps)
+
+    image = tf.TensorSpec([None, height, width, channels], tf.float32, name="x_t")
+    options = [
+        tf.TensorSpec([None], tf.int64, name="seed"),
+        tf.TensorSpec([None], tf.string, name="sampler"),
+        tf.TensorSpec([None], tf.int32, name="steps"),
+    ]
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint("serving_default", denoise, [image, tf.TensorSpec([None], tf.int32, name="t")])
+    archive.add_endpoint("sample", sample, [tf.TensorSpec([None], tf.int32, name="num_images"), *options])
+    archive.add_endpoint(
+        "sample_from_noise",
+        sample_from_noise,
+        [tf.TensorSpec([None, height, width, channels], tf.float32, name="x_T"), *options],
+    )
+    return archive
+
+
+def _saved_model_parity(model: DiffusionModel, path: Path) -> float:
+    loaded = tf.saved_model.load(str(path))
+    serve = loaded.signatures["serving_default"]
+    diff = 0.0
+    for x_t, t in _parity_inputs(model):
+        eps = serve(x_t=tf.constant(x_t), t=tf.constant(t))["eps"].numpy()
+        diff = max(diff, float(np.abs(eps - _keras_eps(model, x_t, t)).max()))
+    if not diff <= TOLERANCE:
+        raise KddpmError(
+            f"The exported SavedModel differs from the Keras model by {diff:.3g} (> {TOLERANCE}); nothing was written."
+        )
+    return diff
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    model: DiffusionModel,
+    path: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Writes the EMA denoiser as ONNX to ``path`` after checking it against Keras.
+
+    Inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B] int32, output ``eps``; B is dynamic.
+    Raises KddpmError, writing nothing, when ONNX Runtime's eps differs from Keras' by more
+    than TOLERANCE at batch 1 or 8. An existing file is replaced only with ``overwrite``.
+    """
+    import onnx
+    import tf2onnx
+
+    path = _onnx_target(Path(path), overwrite)
+    network = model.ema_denoiser
+    signature = [
+        tf.TensorSpec([None, *model.image_shape], tf.float32, name="x_t"),
+        tf.TensorSpec([None], tf.int32, name="t"),
+    ]
+
+    @tf.function(input_signature=signature)
+    def denoise(x_t, t):
+        return {"eps": tf.cast(network([x_t, t], training=False), tf.float32)}
+
+    proto, _ = tf2onnx.convert.from_function(denoise, input_signature=signature, opset=opset)
+    for key, value in onnx_metadata(model).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    serialized = proto.SerializeToString()
+    max_abs_diff = _onnx_parity(model, serialized)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(serialized)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return ExportResult("onnx", path, max_abs_diff)
+
+
+def _onnx_target(path: Path, overwrite: bool) -> Path:
+    if path.suffix != ".onnx":
+        raise KddpmError(f"ONNX output {path} must end in .onnx.")
+    if path.exists() and not overwrite:
+        raise KddpmError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it.")
+    _writable_dir(path.parent)
+    return path
+
+
+def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
+    """What a sampler needs besides the network, as ONNX ``metadata_props`` strings."""
+    return {
+        METADATA_FORMAT: "1",
+        "kddpm.schedule": json.dumps(model.schedule.get_config()),
+        "kddpm.image_shape": json.dumps(list(model.image_shape)),
+        "kddpm.timesteps": str(model.schedule.timesteps),
+    }
+
+
+def _onnx_parity(model: DiffusionModel, serialized: bytes) -> float:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
+    diff = 0.0
+    for x_t, t in _parity_inputs(model):
+        (eps,) = session.run(["eps"], {"x_t": x_t, "t": t})
+        diff = max(diff, float(np.abs(eps - _keras_eps(model, x_t, t)).max()))
+    if not diff <= TOLERANCE:
+        raise KddpmError(
+            f"ONNX Runtime's output differs from the Keras model by {diff:.3g} (> {TOLERANCE}); "
+            "nothing was written. Try another --opset."
+        )
+    return diff
+
+
+# --- Shared ----------------------------------------------------------------------------------
+
+
+def _parity_inputs(model: DiffusionModel) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    return [
+        (
+            rng.standard_normal((batch, *model.image_shape)).astype(np.float32),
+            rng.integers(0, model.schedule.timesteps, batch).astype(np.int32),
+        )
+        for batch in _PARITY_BATCHES
+    ]
+
+
+def _keras_eps(model: DiffusionModel, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t], training=False)).astype(np.float32)
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KddpmError(f"Cannot create the output folder {path} ({error.strerror}); choose another --out.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise KddpmError(f"Cannot write to {path}; choose another --out or fix its permissions.")
+    return path

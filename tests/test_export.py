@@ -1,0 +1,424 @@
+"""Export: SavedModel for TF Serving, ONNX, and the TensorFlow-free ONNX Runtime sampler."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import pytest
+import tensorflow as tf
+from conftest import tiny_unet
+
+import kddpm.export as export_module
+from kddpm import DiffusionModel, KddpmError, NoiseSchedule
+from kddpm.export import export_model, export_saved_model
+from kddpm.sampling import Sampler, ddim_plan, ddpm_plan, to_uint8
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (8, 8, 1)
+T = 40
+
+
+def load_onnx_sample():
+    spec = importlib.util.spec_from_file_location("onnx_sample", REPO / "export" / "onnx_sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny model whose EMA weights are random and differ from its trained weights."""
+    keras.utils.set_random_seed(5)
+    model = DiffusionModel(tiny_unet(SHAPE), NoiseSchedule.linear(T))
+    rng = np.random.default_rng(5)
+    model.ema_denoiser.set_weights(
+        [rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.ema_denoiser.get_weights()]
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exported")
+    results = export_model(model, base, "all")
+    return base, {r.format: r for r in results}
+
+
+def run_python(code, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+        cwd=REPO,
+    )
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+# --- SavedModel -----------------------------------------------------------------------------
+
+
+def test_saved_model_layout_and_versions(model, exported):
+    base, results = exported
+    first = results["saved_model"].path
+    assert first == base / "kddpm" / "1"
+    assert (first / "saved_model.pb").is_file() and (first / "variables").is_dir()
+    assert results["saved_model"].max_abs_diff <= 1e-4
+    second = export_saved_model(model, base, "kddpm").path
+    assert second == base / "kddpm" / "2"
+    with pytest.raises(KddpmError, match="already exists"):
+        export_saved_model(model, base, "kddpm", version=2)
+    # Nothing but version folders is left where the server polls.
+    assert sorted(p.name for p in (base / "kddpm").iterdir()) == ["1", "2"]
+
+
+def test_signatures_as_saved_model_cli_prints_them(exported):
+    _base, results = exported
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    shown = subprocess.run(
+        [str(cli), "show", "--dir", str(results["saved_model"].path), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    ).stdout
+    blocks = dict(re.findall(r"signature_def\['(\w+)'\]:(.*?)(?=signature_def\[|\Z)", shown, re.S))
+    assert {"serving_default", "sample", "sample_from_noise"} <= set(blocks)
+
+    def tensors(block, kind):
+        found = re.findall(rf"{kind}\['(\w+)'\] tensor_info:\s+dtype: (\w+)\s+shape: \(([^)]*)\)", block)
+        return {name: (dtype, shape.replace(" ", "")) for name, dtype, shape in found}
+
+    assert tensors(blocks["serving_default"], "inputs") == {
+        "x_t": ("DT_FLOAT", "-1,8,8,1"),
+        "t": ("DT_INT32", "-1"),
+    }
+    assert tensors(blocks["serving_default"], "outputs") == {"eps": ("DT_FLOAT", "-1,8,8,1")}
+    options = {"seed": ("DT_INT64", "-1"), "sampler": ("DT_STRING", "-1"), "steps": ("DT_INT32", "-1")}
+    assert tensors(blocks["sample"], "inputs") == {"num_images": ("DT_INT32", "-1"), **options}
+    assert tensors(blocks["sample_from_noise"], "inputs") == {"x_T": ("DT_FLOAT", "-1,8,8,1"), **options}
+    for name in ("sample", "sample_from_noise"):
+        assert tensors(blocks[name], "outputs") == {"images": ("DT_UINT8", "-1,8,8,1")}
+
+
+# Decodes TF Serving REST row-format requests the way the server does (one list per named
+# input, stacked over instances, cast to the signature's dtype) and calls the signature.
+SERVE_ROWS = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+def predict(loaded, request):
+    signature = loaded.signatures[request["signature_name"]]
+    specs = signature.structured_input_signature[1]
+    instances = request["instances"]
+    feeds = {
+        name: tf.constant(np.array([row[name] for row in instances]), dtype=spec.dtype)
+        for name, spec in specs.items()
+    }
+    return {name: value.numpy() for name, value in signature(**feeds).items()}
+"""
+
+
+def test_saved_model_in_a_fresh_process_matches_keras(model, exported, tmp_path):
+    _base, results = exported
+    rng = np.random.default_rng(1)
+    x_t = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    t = np.array([0, 17, T - 1], dtype=np.int32)
+    x_T = rng.standard_normal((2, *SHAPE)).astype(np.float32)
+    requests = {
+        "eps": {
+            "signature_name": "serving_default",
+            "instances": [{"x_t": x.tolist(), "t": int(s)} for x, s in zip(x_t, t)],
+        },
+        "ddim": {
+            "signature_name": "sample",
+            "instances": [{"num_images": 3, "seed": 9, "sampler": "ddim", "steps": 7}],
+        },
+        "ddpm": {
+            "signature_name": "sample",
+            "instances": [{"num_images": 2, "seed": 4, "sampler": "ddpm", "steps": 0}],
+        },
+        "from_noise": {
+            "signature_name": "sample_from_noise",
+            "instances": [{"x_T": x.tolist(), "seed": 3, "sampler": "ddim", "steps": 5} for x in x_T],
+        },
+    }
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    result = run_python(
+        SERVE_ROWS
+        + f"""
+loaded = tf.saved_model.load({str(results["saved_model"].path)!r})
+requests = json.load(open({str(tmp_path / "requests.json")!r}))
+answers = {{key: predict(loaded, request) for key, request in requests.items()}}
+np.savez({str(tmp_path / "answers.npz")!r}, **{{key: list(a.values())[0] for key, a in answers.items()}})
+assert not any(name.startswith("kddpm") for name in sys.modules), "kddpm was imported"
+"""
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = np.load(tmp_path / "answers.npz")
+
+    keras_eps = keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t]))
+    assert np.abs(answers["eps"] - keras_eps).max() <= 1e-4
+    for key, (num, seed, sampler, steps) in {"ddim": (3, 9, "ddim", 7), "ddpm": (2, 4, "ddpm", None)}.items():
+        assert answers[key].dtype == np.uint8 and answers[key].shape == (num, *SHAPE)
+        expected = to_uint8(model.sample(num, seed=seed, sampler=sampler, steps=steps))
+        assert np.abs(answers[key].astype(int) - expected).max() <= 1, key
+    from_noise = to_uint8(Sampler(model.ema_denoiser, SHAPE).sample(ddim_plan(model.schedule, 5), x_T=x_T))
+    assert np.abs(answers["from_noise"].astype(int) - from_noise).max() <= 1
+
+
+def test_saved_model_rejects_bad_requests(exported):
+    _base, results = exported
+    loaded = tf.saved_model.load(str(results["saved_model"].path))
+    serve, sample = loaded.signatures["serving_default"], loaded.signatures["sample"]
+    x = tf.zeros((2, *SHAPE))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"x_t must be \[B, 8, 8, 1\]"):
+        serve(x_t=tf.zeros((2, 9, 8, 1)), t=tf.constant([1, 2]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"t must be \[B\]"):
+        serve(x_t=x, t=tf.constant([1, 2, 3]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"x_T must be \[B, 8, 8, 1\]"):
+        loaded.signatures["sample_from_noise"](
+            x_T=tf.zeros((1, 8, 8, 3)),
+            seed=tf.constant([0], tf.int64),
+            sampler=tf.constant(["ddim"]),
+            steps=tf.constant([2]),
+        )
+    with pytest.raises((tf.errors.InvalidArgumentError, TypeError), match="expected to be a int32 tensor"):
+        serve(x_t=x, t=tf.constant([1.0, 2.0]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"t must be in \[0, 40\)"):
+        serve(x_t=x, t=tf.constant([1, T]))
+    options = {"seed": tf.constant([0], tf.int64), "num_images": tf.constant([1])}
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sampler must be ddpm or ddim, got"):
+        sample(sampler=tf.constant(["euler"]), steps=tf.constant([5]), **options)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"DDIM steps must be in \[1, 40\]"):
+        sample(sampler=tf.constant(["ddim"]), steps=tf.constant([0]), **options)
+
+
+def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_path, monkeypatch):
+    first = export_saved_model(model, tmp_path).path
+    before = tree_digest(first)
+
+    class HalfWritten:
+        def write_out(self, filepath, **kwargs):
+            Path(filepath, "saved_model.pb").write_bytes(b"half")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "_serving_archive", lambda model, clip_x0: HalfWritten())
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(model, tmp_path)
+    monkeypatch.undo()
+    # The parity check failing after a complete write must not publish the version either.
+    monkeypatch.setattr(export_module, "_keras_eps", lambda model, x_t, t: np.ones((len(t), *SHAPE), np.float32))
+    with pytest.raises(KddpmError, match=r"differs from the Keras model by"):
+        export_saved_model(model, tmp_path)
+    assert [p.name for p in (tmp_path / "kddpm").iterdir()] == ["1"]
+    assert tree_digest(first) == before
+
+
+# --- ONNX -----------------------------------------------------------------------------------
+
+
+def test_onnx_file_is_checked_named_dynamic_and_carries_the_schedule(model, exported):
+    _base, results = exported
+    path = results["onnx"].path
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 15
+    inputs = {i.name: i for i in proto.graph.input}
+    assert set(inputs) == {"x_t", "t"} and [o.name for o in proto.graph.output] == ["eps"]
+    batch_dim = inputs["x_t"].type.tensor_type.shape.dim[0]
+    assert not batch_dim.HasField("dim_value")  # dynamic batch
+    assert [d.dim_value for d in inputs["x_t"].type.tensor_type.shape.dim[1:]] == list(SHAPE)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(metadata["kddpm.schedule"]) == model.schedule.get_config()
+    assert json.loads(metadata["kddpm.image_shape"]) == list(SHAPE) and metadata["kddpm.timesteps"] == str(T)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    for batch in (1, 5, 8):
+        x_t = rng.standard_normal((batch, *SHAPE)).astype(np.float32)
+        t = rng.integers(0, T, batch).astype(np.int32)
+        (eps,) = session.run(["eps"], {"x_t": x_t, "t": t})
+        keras_eps = keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t]))
+        assert np.abs(keras_eps).max() > 0.1  # the comparison means something
+        assert np.abs(eps - keras_eps).max() <= 1e-4
+    assert results["onnx"].max_abs_diff <= 1e-4
+
+
+def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeypatch, capsys):
+    from kddpm import cli
+
+    model_file = tmp_path / "model.keras"
+    model.save(model_file)
+    monkeypatch.setattr(export_module, "_keras_eps", lambda model, x_t, t: np.full((len(t), *SHAPE), 0.5, np.float32))
+    code = cli.main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"ONNX Runtime's output differs from the Keras model by \d", error), error
+    assert not list((tmp_path / "out").glob("*.onnx*"))
+
+
+def test_export_refuses_bad_input_and_damages_nothing(model, exported, tmp_path):
+    base, results = exported
+    with pytest.raises(KddpmError, match="No model at"):
+        export_model(tmp_path / "missing.keras", tmp_path / "a")
+    plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    plain.save(tmp_path / "plain.keras")
+    with pytest.raises(KddpmError, match="not a kddpm DiffusionModel"):
+        export_model(tmp_path / "plain.keras", tmp_path / "a")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(KddpmError, match="Cannot create the output folder"):
+        export_model(model, tmp_path / "a_file" / "sub", "saved_model")
+    onnx_before = results["onnx"].path.read_bytes()
+    versions_before = sorted(p.name for p in (base / "kddpm").iterdir())
+    # The ONNX file exists: refused before anything, the SavedModel included, is written.
+    with pytest.raises(KddpmError, match="already exists; pass overwrite"):
+        export_model(model, base, "all")
+    assert results["onnx"].path.read_bytes() == onnx_before
+    assert sorted(p.name for p in (base / "kddpm").iterdir()) == versions_before
+    with pytest.raises(KddpmError, match="Unknown export format"):
+        export_model(model, base, "tflite")
+
+
+# --- The ONNX Runtime sampler ---------------------------------------------------------------
+
+
+def test_onnx_sampler_schedule_matches_the_library():
+    onnx_sample = load_onnx_sample()
+    for schedule in (NoiseSchedule.linear(1000), NoiseSchedule.cosine(500), NoiseSchedule.linear(T, 1e-3, 0.05)):
+        np.testing.assert_allclose(onnx_sample.betas_of(schedule.get_config()), schedule.betas, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(sampler="ddpm"),
+        dict(sampler="ddpm", variance="beta", clip_x0=True),
+        dict(sampler="ddim", steps=9, eta=0.0),
+        dict(sampler="ddim", steps=13, eta=0.7, clip_x0=True),
+    ],
+    ids=["ddpm", "ddpm-beta-clip", "ddim", "ddim-eta-clip"],
+)
+def test_onnx_sampler_matches_the_tf_sampler(model, exported, settings):
+    import onnxruntime
+
+    onnx_sample = load_onnx_sample()
+    session = onnxruntime.InferenceSession(str(exported[1]["onnx"].path), providers=["CPUExecutionProvider"])
+    if settings["sampler"] == "ddpm":
+        plan = ddpm_plan(model.schedule, settings.get("variance", "beta_tilde"), settings.get("clip_x0", False))
+    else:
+        plan = ddim_plan(model.schedule, settings["steps"], settings["eta"], settings.get("clip_x0", False))
+    rng = np.random.default_rng(8)
+    x_T = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    noise = rng.standard_normal((plan.num_steps, 3, *SHAPE)).astype(np.float32)
+    reference = Sampler(model.ema_denoiser, SHAPE).sample(plan, x_T=x_T, noise=noise).numpy()
+    images = onnx_sample.sample(session, x_T=x_T, noise=noise, **settings)
+    assert np.abs(reference).max() > 0.5
+    np.testing.assert_allclose(images, reference, atol=1e-3, rtol=0)
+
+
+def fake_tensorflow(tmp_path: Path) -> dict[str, str]:
+    """An environment in which ``import tensorflow`` fails."""
+    blocker = tmp_path / "no_tensorflow" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('tensorflow is not available here')\n")
+    return {"PYTHONPATH": str(blocker.parent)}
+
+
+def test_onnx_sampler_script_runs_without_tensorflow(exported, tmp_path):
+    out = tmp_path / "grid.png"
+    script = REPO / "export" / "onnx_sample.py"
+    env = {**os.environ, **fake_tensorflow(tmp_path)}
+    check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True)
+    assert check.returncode != 0  # the blocker works
+    args = ["--model", str(exported[1]["onnx"].path), "--num", "5", "--sampler", "ddim", "--steps", "4"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"Samples: {out}"
+    from PIL import Image
+
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 * 8, 3 * 8) and grid.dtype == np.uint8 and grid.std() > 0
+
+
+def test_onnx_sampler_rejects_a_file_without_kddpm_metadata(exported, tmp_path):
+    proto = onnx.load(str(exported[1]["onnx"].path))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    script = REPO / "export" / "onnx_sample.py"
+    env = {**os.environ, **fake_tensorflow(tmp_path)}
+    for model_path, message in ((bare, "no kddpm metadata"), (tmp_path / "none.onnx", "No ONNX file at")):
+        done = subprocess.run(
+            [sys.executable, str(script), "--model", str(model_path), "--out", str(tmp_path / "x.png")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+# --- The REST client, against a loopback stand-in for TF Serving ----------------------------
+
+
+def test_rest_client_round_trip(model, exported, tmp_path):
+    namespace = {}
+    exec(SERVE_ROWS, namespace)
+    loaded = tf.saved_model.load(str(exported[1]["saved_model"].path))
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.path)
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            (images,) = namespace["predict"](loaded, request).values()
+            body = json.dumps({"predictions": images.tolist()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        sys.path.insert(0, str(REPO / "export"))
+        import rest_client
+
+        url = f"http://127.0.0.1:{server.server_port}"
+        images = rest_client.request_samples(url, "kddpm", 4, "ddim", 6, seed=2)
+    finally:
+        sys.path.remove(str(REPO / "export"))
+        server.shutdown()
+    assert seen == ["/v1/models/kddpm:predict"]
+    expected = to_uint8(model.sample(4, seed=2, sampler="ddim", steps=6))
+    assert images.dtype == np.uint8 and np.abs(images.astype(int) - expected).max() <= 1
