@@ -130,7 +130,7 @@ class DiffusionModel(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, variables))
         self._update_ema()
         self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+        return {"loss": _reportable(self.loss_tracker.result())}
 
     def test_step(self, data):
         """L_simple on validation data, with noise that depends only on the batch's content."""
@@ -141,7 +141,7 @@ class DiffusionModel(keras.Model):
         x_t = self.schedule.q_sample(images, t, noise)
         eps = tf.cast(self.denoiser([x_t, t], training=False), tf.float32)
         self.loss_tracker.update_state(tf.reduce_mean(tf.square(noise - eps)))
-        return {"loss": self.loss_tracker.result()}
+        return {"loss": _reportable(self.loss_tracker.result())}
 
     def _training_key(self) -> tf.Tensor:
         return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
@@ -278,6 +278,19 @@ class DiffusionModel(keras.Model):
         if cached is None or cached.network is not network or cached.jit_compile != jit_compile:
             self._sampler = Sampler(network, self.image_shape, jit_compile=jit_compile)
         return self._sampler
+
+
+def _reportable(loss: tf.Tensor) -> tf.Tensor:
+    """The loss in the shape Keras can average over replicas.
+
+    Across several workers Keras averages step outputs with ``strategy.reduce(MEAN, v,
+    axis=0)``, which needs a batch axis; a scalar there fails. A [1] tensor is averaged to
+    a scalar.
+    """
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        return tf.reshape(loss, [1])
+    return loss
 
 
 def _moving_average(average: tf.Variable, value: tf.Tensor, decay: tf.Tensor):

@@ -80,3 +80,95 @@ def check_same_training(single, mirrored):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-5)
     for a, b in zip(single["ema"], mirrored["ema"]):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-5)
+
+
+WORKER = r"""
+import json, os, sys
+import tensorflow as tf
+strategy = tf.distribute.MultiWorkerMirroredStrategy() if os.environ.get("TF_CONFIG") else tf.distribute.get_strategy()
+import keras
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_unet
+from kddpm import DiffusionModel, NoiseSchedule
+from kddpm.training import make_optimizer
+
+keras.utils.set_random_seed(0)
+initial = [w.copy() for w in tiny_unet().get_weights()]
+images = np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32)
+with strategy.scope():
+    model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=0.05, seed=5)
+    model.compile(optimizer=make_optimizer(1e-2, 2))
+model.denoiser.set_weights(initial)
+model.reset_ema()
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+data = tf.data.Dataset.from_tensor_slices(images).batch(16).with_options(options)  # 16 = the global batch
+history = model.fit(data, epochs=3, verbose=0)
+result = {
+    "replicas": strategy.num_replicas_in_sync,
+    "loss": history.history["loss"],
+    "weights": [w.tolist() for w in model.denoiser.get_weights()],
+    "ema": [w.tolist() for w in model.ema_denoiser.get_weights()],
+    "steps": int(model.optimizer.iterations.numpy()),
+}
+with open(sys.argv[2], "w") as f:
+    json.dump(result, f)
+"""
+
+
+def free_loopback_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.mark.slow
+def test_multi_worker_strategy_matches_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run(
+        [sys.executable, str(script), tests, str(tmp_path / "single.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]}
+    workers = []
+    try:
+        for index in range(2):
+            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, str(script), tests, str(tmp_path / f"worker{index}.json")],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env={**env, "TF_CONFIG": config},
+                )
+            )
+        outputs = [worker.communicate(timeout=600) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    expected = json.loads((tmp_path / "single.json").read_text())
+    for index in range(2):
+        result = json.loads((tmp_path / f"worker{index}.json").read_text())
+        check_same_training({**expected, "replicas": 1}, result)
