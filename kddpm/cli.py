@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -94,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     length.add_argument("--steps", type=int, help="optimizer steps (default: the preset's), rounded up to whole epochs")
     length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps")
     train.add_argument(
-        "--steps-per-epoch", type=int, default=200, help="steps between checkpoints with --steps (default 200)"
+        "--steps-per-epoch",
+        type=int,
+        default=200,
+        help="steps between backups and checkpoints with --steps (default 200)",
     )
     train.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
@@ -102,6 +107,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default: runs/PRESET)")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     train.add_argument("--grid-every", type=int, default=5, help="write a sample grid every N epochs (default 5)")
+    train.add_argument(
+        "--strategy",
+        choices=["auto", "default", "mirrored", "multiworker"],
+        default="auto",
+        help="tf.distribute strategy; auto: mirrored on several GPUs, else default; multiworker reads TF_CONFIG",
+    )
+    train.add_argument(
+        "--mixed-precision",
+        choices=["off", "bfloat16", "float16"],
+        default="off",
+        help="compute the network in 16 bits (weights, loss and sampler stay float32)",
+    )
+    train.add_argument(
+        "--jit",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="XLA-compile the train step; auto: Keras' choice (on for a single GPU, off on CPU)",
+    )
     train.set_defaults(run=_train)
 
     sample = verbs.add_parser("sample", parents=[common], help="draw samples from a trained model")
@@ -142,11 +165,28 @@ def _train(args: argparse.Namespace) -> int:
     from kddpm.data import image_source, load_dataset
     from kddpm.errors import KddpmError
     from kddpm.presets import get_preset
-    from kddpm.training import SampleGrid, Throughput, create_model, make_optimizer, write_grid
+    from kddpm.training import (
+        NonFiniteLossError,
+        SampleGrid,
+        StopOnNonFiniteLoss,
+        Throughput,
+        TrainingBackup,
+        create_model,
+        is_chief,
+        make_optimizer,
+        make_strategy,
+        read_backup_state,
+        set_precision,
+        write_grid,
+    )
 
+    # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF work.
+    strategy = make_strategy(args.strategy)
+    chief = is_chief(strategy)
     preset = get_preset(args.preset)
     out = Path(args.out or f"runs/{preset.name}")
     model_path = out / "model.keras"
+    backup_dir = out / "backup"
     if model_path.exists() and not args.overwrite:
         raise KddpmError(f"{out} already holds a trained model; choose another --out or pass --overwrite.")
     batch_size = args.batch_size or preset.batch_size
@@ -154,19 +194,20 @@ def _train(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if batch_size % strategy.num_replicas_in_sync:
+        raise KddpmError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly over "
+            f"{strategy.num_replicas_in_sync} replicas."
+        )
+    if args.overwrite and chief and model_path.exists():
+        shutil.rmtree(backup_dir, ignore_errors=True)  # a finished run's backup must not be resumed
+    state = read_backup_state(backup_dir)
+    start_step = state["step"] if state else 0
 
     source = image_source(
         args.data, "train", args.data_dir, preset.image_shape[2] if Path(args.data).is_dir() else None
     )
     print(f"Data: {source.description}")
-    data = load_dataset(
-        source,
-        batch_size=batch_size,
-        image_shape=preset.image_shape,
-        flip=preset.flip,
-        repeat=True,
-        seed=args.seed,
-    )
     if args.epochs:
         if not source.size:
             raise KddpmError("The size of this dataset is unknown; give --steps instead of --epochs.")
@@ -175,40 +216,75 @@ def _train(args: argparse.Namespace) -> int:
         steps = args.steps or preset.train_steps
         steps_per_epoch = min(args.steps_per_epoch, steps)
         epochs = math.ceil(steps / steps_per_epoch)
+    data = load_dataset(
+        source,
+        batch_size=batch_size,
+        image_shape=preset.image_shape,
+        flip=preset.flip,
+        repeat=True,
+        seed=args.seed,
+        skip_batches=start_step,
+    )
 
-    model = create_model(preset, seed=args.seed)
-    model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps))
+    set_precision(args.mixed_precision)
+    with strategy.scope():
+        model = create_model(preset, seed=args.seed)
+        jit = {"auto": "auto", "on": True, "off": False}[args.jit]
+        model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps), jit_compile=jit)
     print(
         f"Model: preset {preset.name}, {model.denoiser.count_params():,} parameters; "
-        f"{epochs} epochs x {steps_per_epoch} steps of {batch_size} images"
+        f"{epochs} epochs x {steps_per_epoch} steps of {batch_size} images; "
+        f"{strategy.num_replicas_in_sync} replica(s), precision {keras.mixed_precision.global_policy().name}"
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if state:
+        print(f"Resuming from step {start_step} (epoch {state['epoch']}) of {backup_dir / 'latest.weights.h5'}")
+    # Only the chief writes the run; other workers write where Keras expects them to, a
+    # directory of their own that is removed at the end.
+    write_dir = out if chief else Path(tempfile.mkdtemp(prefix="kddpm-worker-"))
+    write_dir.mkdir(parents=True, exist_ok=True)
     grid_settings = {"sampler": preset.grid_sampler, "steps": preset.grid_steps, "clip_x0": preset.clip_x0}
     throughput = Throughput(batch_size)
+    callbacks = [
+        StopOnNonFiniteLoss(),  # first, so that nothing after it saves broken weights
+        TrainingBackup(backup_dir, write_dir=write_dir / "backup"),
+        keras.callbacks.ModelCheckpoint(write_dir / "checkpoints" / "last.keras"),
+        keras.callbacks.TensorBoard(write_dir / "logs"),
+        throughput,
+    ]
+    if chief:
+        grids = SampleGrid(
+            out / "samples", every=args.grid_every, num_images=GRID_IMAGES, seed=args.seed, **grid_settings
+        )
+        callbacks.append(grids)
     started = time.time()
-    history = model.fit(
-        data,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=[
-            keras.callbacks.ModelCheckpoint(out / "checkpoints" / "last.keras"),
-            keras.callbacks.TensorBoard(out / "logs"),
-            SampleGrid(out / "samples", every=args.grid_every, num_images=GRID_IMAGES, seed=args.seed, **grid_settings),
-            throughput,
-        ],
-        verbose=1,
-    )
+    try:
+        history = model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=1)
+    except NonFiniteLossError as error:
+        saved = read_backup_state(backup_dir)
+        kept = f"the backup of step {saved['step']} is kept" if saved else "no backup had been written yet"
+        raise KddpmError(
+            f"{error}; training stopped, {kept} and {model_path} was not written. "
+            "Lower --lr (or use --mixed-precision off) and run the same command again to resume."
+        ) from None
     train_seconds = time.time() - started
-    _save_atomically(model, model_path)
+    _save_atomically(model, model_path if chief else write_dir / "model.keras")
+    if not chief:
+        shutil.rmtree(write_dir, ignore_errors=True)
+        print("Worker finished; the chief wrote the run.")
+        return 0
+    # The finished model supersedes the backup; removed only now, so a crash before the
+    # save above still resumes.
+    shutil.rmtree(backup_dir, ignore_errors=True)
     print(
         f"Sampling a {GRID_IMAGES}-image grid "
         f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)"
     )
     images = model.sample(GRID_IMAGES, seed=args.seed, progress=True, **grid_settings)
     grid = write_grid(images, out / "samples" / "final.png")
-    loss = history.history["loss"][-1]
+    losses = history.history.get("loss") or [float("nan")]
+    trained = epochs * steps_per_epoch - start_step
     print(
-        f"Trained {epochs * steps_per_epoch} steps in {train_seconds / 60:.1f} min, final loss {loss:.4f}, "
+        f"Trained {trained} steps in {train_seconds / 60:.1f} min, final loss {losses[-1]:.4f}, "
         f"{throughput.images_per_second():.1f} images/s"
     )
     print(f"Model: {model_path}  Samples: {grid}  Logs: {out / 'logs'}")

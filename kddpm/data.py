@@ -215,6 +215,7 @@ def load_dataset(
     drop_remainder: bool = True,
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
+    skip_batches: int = 0,
 ) -> tf.data.Dataset:
     """A batched pipeline of (images [B, H, W, C] float32 in [-1, 1], labels [B] int32).
 
@@ -233,6 +234,11 @@ def load_dataset(
         flip: random horizontal flips (seeded). shuffle / cache / repeat / drop_remainder:
             the usual tf.data steps; shuffling is seeded and differs between epochs.
         data_dir: Fashion-MNIST or tensorflow-datasets directory.
+        skip_batches: start this many batches into the stream (resuming a run at that step:
+            the images, their order and flips are those an uninterrupted run sees next).
+
+    Under ``tf.distribute`` the batch is the global batch: each replica trains on its
+    contiguous slice of it (the pipeline is sharded by data, not by file).
     """
     if isinstance(source, ImageSource):
         loaded = source
@@ -267,9 +273,17 @@ def load_dataset(
             image = _pad(image, pad)
         return image, label
 
-    dataset = dataset.enumerate().map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.enumerate()
+    if skip_batches:
+        dataset = dataset.skip(skip_batches * batch_size)
+    dataset = dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    # Workers split each global batch between them (Keras rebatches, then shards by element),
+    # so several workers see exactly the images one process would; file sharding would not.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _fit_to(loaded: ImageSource, shape: tuple[int, int, int]):

@@ -14,7 +14,7 @@ import tensorflow as tf
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
-from kddpm.sampling import Sampler, make_plan
+from kddpm.sampling import RNG_ALG, Sampler, make_plan
 from kddpm.schedule import NoiseSchedule
 
 # Training images must lie in [-1, 1]; this bound only catches data that was never scaled
@@ -160,14 +160,16 @@ class DiffusionModel(keras.Model):
         begin = tf.cast(replica, tf.int32) * local
         t = tf.random.stateless_uniform(
             [global_batch],
-            seed=tf.random.experimental.stateless_fold_in(key, 1),
+            seed=tf.random.experimental.stateless_fold_in(key, 1, alg=RNG_ALG),
             minval=0,
             maxval=self.schedule.timesteps,
             dtype=tf.int32,
+            alg=RNG_ALG,
         )
         noise = tf.random.stateless_normal(
             tf.concat([[global_batch], tf.shape(images)[1:]], 0),
-            seed=tf.random.experimental.stateless_fold_in(key, 2),
+            seed=tf.random.experimental.stateless_fold_in(key, 2, alg=RNG_ALG),
+            alg=RNG_ALG,
         )
         return t[begin : begin + local], noise[begin : begin + local]
 

@@ -27,6 +27,9 @@ from kddpm.errors import KddpmError
 from kddpm.schedule import NoiseSchedule
 
 SAMPLERS = ("ddpm", "ddim")
+# Every stateless draw names its algorithm: "auto_select" picks another one under XLA, which
+# would make the same seed give other noise with jit_compile or on another device.
+RNG_ALG = "philox"
 VARIANCES = ("beta_tilde", "beta")
 
 
@@ -159,7 +162,8 @@ def initial_noise(key: tf.Tensor, num_images: int | tf.Tensor, image_shape: tupl
     """x_T ~ N(0, I): [num_images, H, W, C] float32, a function of the key alone."""
     return tf.random.stateless_normal(
         tf.concat([tf.reshape(num_images, [1]), image_shape], axis=0),
-        seed=tf.random.experimental.stateless_fold_in(key, 0),
+        seed=tf.random.experimental.stateless_fold_in(key, 0, alg=RNG_ALG),
+        alg=RNG_ALG,
     )
 
 
@@ -260,7 +264,7 @@ class Sampler:
                     z = noise[k]
                 else:
                     z = tf.random.stateless_normal(
-                        tf.shape(x), seed=tf.random.experimental.stateless_fold_in(key, k + 1)
+                        tf.shape(x), seed=tf.random.experimental.stateless_fold_in(key, k + 1, alg=RNG_ALG), alg=RNG_ALG
                     )
                 return k + 1, x_prev + sigma * z
 

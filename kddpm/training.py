@@ -1,18 +1,83 @@
-"""Putting a preset together: the model, its optimizer, and the sample-grid callback."""
+"""Putting a run together: strategy, precision, the model and its optimizer, and the callbacks
+that make training observable and restartable (sample grids, throughput, backups, NaN stop)."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
+from kddpm.errors import KddpmError
 from kddpm.model import DiffusionModel
 from kddpm.presets import Preset
 from kddpm.sampling import image_grid, to_uint8
 from kddpm.schedule import NoiseSchedule
 from kddpm.unet import build_unet
+
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+PRECISIONS = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy called ``name``.
+
+    auto: MirroredStrategy when more than one GPU is visible, else the default strategy.
+    default: no distribution. mirrored: every local GPU (or the CPU). multiworker:
+    MultiWorkerMirroredStrategy over the cluster described by ``TF_CONFIG``. Create it
+    first, before any other TensorFlow work, and build the model in ``strategy.scope()``.
+    """
+    if name not in STRATEGIES:
+        raise KddpmError(f"Unknown strategy {name!r}; use one of {STRATEGIES}.")
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_physical_devices("GPU")) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        raise KddpmError(
+            "The multiworker strategy reads the cluster from TF_CONFIG, which is not set; "
+            "set it on every host as the README's 'Several hosts' section shows."
+        )
+    try:
+        parsed = json.loads(config)
+        parsed["cluster"], parsed["task"]["type"], parsed["task"]["index"]
+    except (ValueError, KeyError, TypeError):
+        raise KddpmError(
+            'TF_CONFIG is not valid: it must be JSON like {"cluster": {"worker": ["host:port", ...]}, '
+            '"task": {"type": "worker", "index": 0}}.'
+        ) from None
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run's files: always, except on non-chief workers."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def set_precision(mode: str) -> None:
+    """Keras' global dtype policy for ``mode`` ('off', 'bfloat16' or 'float16'); call before building.
+
+    Mixed precision computes the network in 16 bits with float32 weights; the output layer,
+    the loss, the schedule and the sampler stay float32, and ``compile`` wraps the optimizer
+    in a ``LossScaleOptimizer`` for float16.
+    """
+    if mode not in PRECISIONS:
+        raise KddpmError(f"Unknown mixed precision {mode!r}; use one of {tuple(PRECISIONS)}.")
+    keras.mixed_precision.set_global_policy(PRECISIONS[mode])
 
 
 def create_model(preset: Preset, seed: int = 0, schedule: NoiseSchedule | None = None) -> DiffusionModel:
@@ -90,3 +155,119 @@ class Throughput(keras.callbacks.Callback):
 
     def images_per_second(self) -> float:
         return self._counted * self.batch_size / self._elapsed if self._elapsed else float("nan")
+
+
+class NonFiniteLossError(KddpmError):
+    """Training produced a NaN or infinite loss."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.TerminateOnNaN):
+    """Keras' TerminateOnNaN raising at once, so that no later callback (a backup, a checkpoint)
+    writes the broken weights and ``fit`` does not return as if it had finished.
+
+    Put it first in the callback list.
+    """
+
+    def __init__(self):
+        super().__init__(raise_error=True)
+
+    def on_batch_end(self, batch, logs=None):
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            step = int(self.model.optimizer.iterations.numpy())
+            raise NonFiniteLossError(f"The loss became {(logs or {}).get('loss')} at step {step}") from None
+
+
+_STATE_ATTRIBUTE = "kddpm_training_state"
+
+
+class TrainingBackup(keras.callbacks.BackupAndRestore):
+    """``keras.callbacks.BackupAndRestore`` at every epoch end, atomic and exact.
+
+    The whole training state goes into one file, ``backup_dir/latest.weights.h5``: the weights,
+    the EMA weights, the optimizer state (its step counter keys the training noise), and, as
+    an HDF5 attribute, the epoch, the step and the dropout seed generators' states. The file
+    is written beside and renamed into place, so a kill at any moment leaves the previous
+    backup or the new one, never a mix. A backup that cannot be read raises ``KddpmError``
+    naming it, instead of training from scratch over it. The data position is the caller's
+    part: resume the pipeline ``read_backup_state(...)["step"]`` batches in.
+
+    write_dir: where this process writes (default ``backup_dir``); non-chief workers of a
+    multi-worker run write to a directory of their own and all read the chief's.
+    """
+
+    def __init__(self, backup_dir: str | Path, write_dir: str | Path | None = None):
+        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
+        self.path = Path(self._weights_path)
+        self.write_path = Path(write_dir or backup_dir) / self.path.name
+
+    def on_train_begin(self, logs=None):
+        state = read_backup_state(self.path.parent)
+        if state is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        # A constant learning rate is an optimizer variable and would come back from the
+        # backup; the one this run was started with wins (a schedule is not saved).
+        constant_rate = None if _has_schedule(optimizer) else float(optimizer.learning_rate.numpy())
+        try:
+            self.model.load_weights(self.path)
+        except Exception as error:  # h5py and Keras raise many types for damaged files
+            raise _damaged(self.path, error) from None
+        if constant_rate is not None:
+            optimizer.learning_rate = constant_rate
+        for generator, value in zip(_seed_generators(self.model), state["seed_states"]):
+            generator.state.assign(np.asarray(value, dtype=generator.state.dtype))
+        self.model._initial_epoch = state["epoch"]
+
+    def _save_model(self):
+        import h5py
+
+        self.write_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.write_path.with_name(".partial-" + self.write_path.name)
+        self.model.save_weights(partial, overwrite=True)
+        state = {
+            "epoch": self._current_epoch,
+            "step": int(self.model.optimizer.iterations.numpy()),
+            "seed_states": [generator.state.numpy().tolist() for generator in _seed_generators(self.model)],
+        }
+        with h5py.File(partial, "a") as file:
+            file.attrs[_STATE_ATTRIBUTE] = json.dumps(state)
+        os.replace(partial, self.write_path)
+
+
+def read_backup_state(backup_dir: str | Path) -> dict[str, Any] | None:
+    """{'epoch', 'step', 'seed_states'} of the backup in ``backup_dir``, or None when there is none.
+
+    Raises KddpmError naming the file when it exists but cannot be read.
+    """
+    import h5py
+
+    path = Path(backup_dir) / "latest.weights.h5"
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as file:
+            return json.loads(file.attrs[_STATE_ATTRIBUTE])
+    except Exception as error:  # a truncated file fails in h5py, a foreign one lacks the attribute
+        raise _damaged(path, error) from None
+
+
+def _damaged(path: Path, error: Exception) -> KddpmError:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return KddpmError(
+        f"Cannot resume from the backup {path} ({reason}): it is damaged or not a kddpm backup. "
+        "Nothing was overwritten; move it away to restart this run from step 0, or use another --out."
+    )
+
+
+def _has_schedule(optimizer: keras.optimizers.Optimizer) -> bool:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return isinstance(inner._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+
+
+def _seed_generators(model: keras.Model) -> list:
+    """The model's random seed generators (dropout), in a fixed order."""
+    return [generator for layer in model._flatten_layers() for generator in layer._seed_generators]

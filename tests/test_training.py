@@ -1,0 +1,261 @@
+"""Strategy choice, mixed precision, XLA, and fault tolerance: backups, resume after SIGKILL, NaN stop."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_unet
+
+from kddpm import DiffusionModel, KddpmError, NoiseSchedule
+from kddpm.training import (
+    StopOnNonFiniteLoss,
+    TrainingBackup,
+    is_chief,
+    make_optimizer,
+    make_strategy,
+    read_backup_state,
+    set_precision,
+)
+
+IMAGES = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
+
+
+def fresh_model(initial=None, dropout=0.0, jit_compile=False, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = DiffusionModel(tiny_unet(dropout=dropout), NoiseSchedule.linear(100), ema_decay=0.9, seed=3, **kwargs)
+    model.compile(optimizer=make_optimizer(1e-3, 2), jit_compile=jit_compile)
+    if initial is not None:
+        model.denoiser.set_weights(initial)
+        model.reset_ema()
+    return model
+
+
+# --- Strategies -----------------------------------------------------------------------------
+
+
+def test_strategy_names_and_chief(monkeypatch):
+    assert make_strategy("default") is tf.distribute.get_strategy()
+    assert make_strategy("auto") is tf.distribute.get_strategy()  # no GPUs here
+    with pytest.raises(KddpmError, match="Unknown strategy"):
+        make_strategy("tpu")
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(KddpmError, match="TF_CONFIG, which is not set"):
+        make_strategy("multiworker")
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
+    with pytest.raises(KddpmError, match="TF_CONFIG is not valid"):
+        make_strategy("multiworker")
+    assert is_chief(tf.distribute.get_strategy())
+
+    def resolver(cluster, task_type, task_id):
+        spec = tf.train.ClusterSpec(cluster)
+        resolved = tf.distribute.cluster_resolver.SimpleClusterResolver(spec, task_type=task_type, task_id=task_id)
+        return type("Strategy", (), {"cluster_resolver": resolved})()
+
+    workers = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    assert is_chief(resolver(workers, "worker", 0)) and not is_chief(resolver(workers, "worker", 1))
+    with_chief = {"chief": ["127.0.0.1:3"], **workers}
+    assert is_chief(resolver(with_chief, "chief", 0)) and not is_chief(resolver(with_chief, "worker", 0))
+
+
+# --- Precision and XLA ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "float16"])
+def test_mixed_precision_keeps_loss_output_and_sampler_float32(mode):
+    keras.utils.set_random_seed(0)
+    initial = tiny_unet().get_weights()
+    reference = fresh_model(initial)
+    reference_loss = reference.fit(IMAGES, batch_size=16, epochs=1, shuffle=False, verbose=0).history["loss"]
+    try:
+        set_precision(mode)
+        model = fresh_model(initial)
+        assert model.denoiser.get_layer("eps").compute_dtype == "float32"
+        assert {layer.compute_dtype for layer in model.denoiser.layers} >= {mode}
+        assert all(w.dtype == "float32" for w in model.denoiser.weights)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (mode == "float16")
+        loss = model.fit(IMAGES, batch_size=16, epochs=1, shuffle=False, verbose=0).history["loss"]
+        eps = model.denoiser([IMAGES[:2], np.array([3, 50], np.int32)])
+        images = model.sample(2, seed=1, sampler="ddim", steps=3)
+    finally:
+        set_precision("off")
+    assert eps.dtype == "float32" and images.dtype == np.float32
+    assert np.all(np.isfinite(loss))
+    # Same weights, same noise: the 16-bit loss is the float32 loss up to rounding.
+    np.testing.assert_allclose(loss, reference_loss, rtol=0.05)
+    with pytest.raises(KddpmError, match="Unknown mixed precision"):
+        set_precision("int8")
+
+
+def test_xla_train_step_is_l_simple_on_its_draws():
+    """Under XLA, stateless normals for a seed differ from the plain graph's (XLA converts the
+    same Philox bits to floats its own way), so the XLA step is checked against numpy L_simple
+    on the t and noise that XLA itself draws."""
+    model = fresh_model(jit_compile=True)
+    rng = np.random.default_rng(0)
+    model.denoiser.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.denoiser.get_weights()])
+    x0 = IMAGES[:16]
+    draw = tf.function(model._draw_t_and_noise, jit_compile=True)
+    t, noise = (v.numpy() for v in draw(tf.constant(x0), model._training_key()))
+    abar = model.schedule.alphas_cumprod[t][:, None, None, None]
+    x_t = (np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32)
+    expected = np.mean((noise - model.denoiser([x_t, t]).numpy()) ** 2)
+    before = model.denoiser.get_weights()
+    logs = model.train_on_batch(x0, return_dict=True)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    model.train_on_batch(x0)  # the warm-up's first step has a zero learning rate
+    assert not np.allclose(model.denoiser.get_weights()[0], before[0])
+
+
+# --- Backups --------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_backup_resumes_exactly_with_dropout(tmp_path):
+    """Two epochs, a fresh process-like restart from the backup, two more: the same as four."""
+    keras.utils.set_random_seed(0)
+    initial = tiny_unet(dropout=0.3).get_weights()
+    data = tf.data.Dataset.from_tensor_slices(IMAGES).batch(8).repeat()
+
+    straight = fresh_model(initial, dropout=0.3)
+    straight.fit(data, epochs=4, steps_per_epoch=3, verbose=0)
+
+    first = fresh_model(initial, dropout=0.3)
+    first.fit(data, epochs=2, steps_per_epoch=3, callbacks=[TrainingBackup(tmp_path)], verbose=0)
+    state = read_backup_state(tmp_path)
+    assert state["epoch"] == 2 and state["step"] == 6 and state["seed_states"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.weights.h5"]  # no partial left behind
+
+    resumed = fresh_model(initial, dropout=0.3)
+    history = resumed.fit(
+        data.skip(state["step"]), epochs=4, steps_per_epoch=3, callbacks=[TrainingBackup(tmp_path)], verbose=0
+    )
+    assert len(history.history["loss"]) == 2  # epochs 3 and 4 only
+    assert int(resumed.optimizer.iterations.numpy()) == 12
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
+
+
+def test_a_damaged_backup_is_named_and_left_alone(tmp_path):
+    model = fresh_model()
+    model.fit(IMAGES, batch_size=16, epochs=1, callbacks=[TrainingBackup(tmp_path)], verbose=0)
+    path = tmp_path / "latest.weights.h5"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    digest = file_digest(path)
+    with pytest.raises(KddpmError, match=f"Cannot resume from the backup {path}.*Nothing was overwritten"):
+        read_backup_state(tmp_path)
+    with pytest.raises(KddpmError, match="Cannot resume from the backup"):
+        fresh_model().fit(IMAGES, batch_size=16, epochs=2, callbacks=[TrainingBackup(tmp_path)], verbose=0)
+    assert file_digest(path) == digest
+
+
+def test_nan_loss_stops_before_any_callback_saves(tmp_path):
+    model = fresh_model()
+    model.fit(IMAGES, batch_size=16, epochs=1, callbacks=[TrainingBackup(tmp_path)], verbose=0)
+    digest = file_digest(tmp_path / "latest.weights.h5")
+
+    class Poison(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):  # after the backup's restore
+            kernel = self.model.denoiser.trainable_weights[0]
+            kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+
+    callbacks = [StopOnNonFiniteLoss(), TrainingBackup(tmp_path), Poison()]
+    with pytest.raises(KddpmError, match=r"The loss became nan at step 3"):
+        model.fit(IMAGES, batch_size=16, epochs=3, verbose=0, callbacks=callbacks)
+    assert file_digest(tmp_path / "latest.weights.h5") == digest
+
+
+# --- The command line: SIGKILL and resume, NaN ----------------------------------------------
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+TRAIN = ["train", "--preset", "tiny", "--steps", "120", "--steps-per-epoch", "10", "--grid-every", "100", "--seed", "4"]
+
+
+def kddpm(*args, timeout=600):
+    command = [sys.executable, "-m", "kddpm.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def final_weights(run: Path):
+    model = keras.models.load_model(run / "model.keras")
+    return model.denoiser.get_weights() + model.ema_denoiser.get_weights()
+
+
+def start_and_kill_after_first_backup(run: Path, *extra) -> int:
+    """Starts the training command, SIGKILLs it in the epoch after its first backup; returns the backup's step."""
+    backup = run / "backup" / "latest.weights.h5"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kddpm.cli", *TRAIN, *extra, "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ENV,
+    )
+    try:
+        deadline = time.time() + 300
+        while not backup.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.15)  # into the next epoch
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not (run / "model.keras").exists()
+    return read_backup_state(run / "backup")["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_the_same_command_resumes_and_matches(tmp_path):
+    straight = kddpm(*TRAIN, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run = tmp_path / "killed"
+    saved_step = start_and_kill_after_first_backup(run)
+    assert 10 <= saved_step < 120 and saved_step % 10 == 0
+
+    resumed = kddpm(*TRAIN, "--out", run)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resuming from step {saved_step}" in resumed.stdout
+    assert f"Trained {120 - saved_step} steps" in resumed.stdout
+    assert not (run / "backup").exists()  # the finished model supersedes it
+    for a, b in zip(final_weights(tmp_path / "straight"), final_weights(run)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_nan_keeps_the_backup_and_writes_no_model(tmp_path):
+    run = tmp_path / "run"
+    saved_step = start_and_kill_after_first_backup(run)
+    digest = file_digest(run / "backup" / "latest.weights.h5")
+    # Resumed with a learning rate this large, the weights overflow within a few steps.
+    diverged = kddpm(*TRAIN, "--lr", "1e30", "--out", run)
+    assert diverged.returncode == 2, diverged.stderr[-2000:]
+    message = diverged.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: The loss became") and f"the backup of step {saved_step} is kept" in message
+    assert "model.keras was not written" in message and "Traceback" not in diverged.stderr
+    assert not (run / "model.keras").exists()
+    assert file_digest(run / "backup" / "latest.weights.h5") == digest
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_damaged_backup_without_touching_it(tmp_path):
+    run = tmp_path / "run"
+    start_and_kill_after_first_backup(run)
+    backup = run / "backup" / "latest.weights.h5"
+    backup.write_bytes(backup.read_bytes()[:1000])
+    digest = file_digest(backup)
+    refused = kddpm(*TRAIN, "--out", run)
+    assert refused.returncode == 2
+    assert f"Cannot resume from the backup {backup}" in refused.stderr and "Traceback" not in refused.stderr
+    assert file_digest(backup) == digest and not (run / "model.keras").exists()
