@@ -224,6 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         repeat=True,
         seed=args.seed,
         skip_batches=start_step,
+        labels=False,
     )
 
     set_precision(args.mixed_precision)

@@ -216,6 +216,7 @@ def load_dataset(
     seed: int = 0,
     data_dir: str | os.PathLike | None = None,
     skip_batches: int = 0,
+    labels: bool = True,
 ) -> tf.data.Dataset:
     """A batched pipeline of (images [B, H, W, C] float32 in [-1, 1], labels [B] int32).
 
@@ -234,6 +235,9 @@ def load_dataset(
         flip: random horizontal flips (seeded). shuffle / cache / repeat / drop_remainder:
             the usual tf.data steps; shuffling is seeded and differs between epochs.
         data_dir: Fashion-MNIST or tensorflow-datasets directory.
+        labels: False gives the images alone. Training ignores labels; leave them out under
+            MultiWorkerMirroredStrategy, where Keras fails to average integer labels while
+            building the model.
         skip_batches: start this many batches into the stream (resuming a run at that step:
             the images, their order and flips are those an uninterrupted run sees next).
 
@@ -271,7 +275,7 @@ def load_dataset(
             image = tf.image.stateless_random_flip_left_right(image, seed=key)
         if pad is not None:
             image = _pad(image, pad)
-        return image, label
+        return (image, label) if labels else image
 
     dataset = dataset.enumerate()
     if skip_batches:
