@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_loopback_workers
 
 SCRIPT = r"""
 import json, os, sys
@@ -117,19 +118,6 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def free_loopback_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.mark.slow
 def test_multi_worker_strategy_matches_one_process(tmp_path):
     script = tmp_path / "worker.py"
@@ -146,28 +134,9 @@ def test_multi_worker_strategy_matches_one_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]}
-    workers = []
-    try:
-        for index in range(2):
-            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            workers.append(
-                subprocess.Popen(
-                    [sys.executable, str(script), tests, str(tmp_path / f"worker{index}.json")],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env={**env, "TF_CONFIG": config},
-                )
-            )
-        outputs = [worker.communicate(timeout=600) for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
+    commands = [[sys.executable, str(script), tests, str(tmp_path / f"worker{index}.json")] for index in range(2)]
+    for returncode, _, stderr in run_loopback_workers(commands, [env, env]):
+        assert returncode == 0, stderr[-3000:]
     expected = json.loads((tmp_path / "single.json").read_text())
     for index in range(2):
         result = json.loads((tmp_path / f"worker{index}.json").read_text())

@@ -1,7 +1,6 @@
 """Strategy choice, mixed precision, XLA, and fault tolerance: backups, resume after SIGKILL, NaN stop."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_unet
+from conftest import run_loopback_workers, tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
 from kddpm.training import (
@@ -264,35 +263,16 @@ def test_cli_refuses_a_damaged_backup_without_touching_it(tmp_path):
 
 @pytest.mark.slow
 def test_cli_multiworker_on_loopback_only_the_chief_writes(tmp_path):
-    from test_distributed import free_loopback_ports
-
     run = tmp_path / "run"
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_loopback_ports(2)]}
     command = [sys.executable, "-m", "kddpm.cli", *TRAIN[:4], "20", *TRAIN[5:], "--strategy", "multiworker"]
-    workers = []
-    try:
-        for index in range(2):
-            scratch = tmp_path / f"tmp{index}"
-            scratch.mkdir()
-            config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-            workers.append(
-                subprocess.Popen(
-                    [*command, "--out", str(run)],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env={**ENV, "TF_CONFIG": config, "TMPDIR": str(scratch)},
-                )
-            )
-        outputs = [worker.communicate(timeout=600) for worker in workers]
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for worker, (_, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-    chief_out, worker_out = outputs[0][0], outputs[1][0]
+    envs = []
+    for index in range(2):
+        (tmp_path / f"tmp{index}").mkdir()
+        envs.append({**ENV, "TMPDIR": str(tmp_path / f"tmp{index}")})
+    outputs = run_loopback_workers([[*command, "--out", str(run)]] * 2, envs)
+    for returncode, _, stderr in outputs:
+        assert returncode == 0, stderr[-3000:]
+    chief_out, worker_out = outputs[0][1], outputs[1][1]
     assert "2 replica(s)" in chief_out
     assert chief_out.strip().splitlines()[-1].startswith(f"Model: {run / 'model.keras'}")
     assert worker_out.strip().splitlines()[-1] == "Worker finished; the chief wrote the run."
