@@ -99,6 +99,24 @@ def export_model(
     return results
 
 
+def exported_network(model: DiffusionModel) -> keras.Model:
+    """The network an export holds: the EMA denoiser, computing in float32.
+
+    A mixed-precision model's weights are float32 already; its 16-bit compute policy is
+    dropped, so that exports agree with Keras to float32 accuracy on any runtime.
+    """
+    network = model.ema_denoiser
+    if all(layer.compute_dtype == "float32" for layer in network.layers):
+        return network
+
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    copy = keras.models.clone_model(network, clone_function=float32_layer)
+    copy.set_weights(network.get_weights())
+    return copy
+
+
 # --- SavedModel ------------------------------------------------------------------------------
 
 
@@ -120,8 +138,9 @@ def export_saved_model(
     # Hidden and non-numeric, so TF Serving ignores it until the rename.
     partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
     try:
-        _serving_archive(model, clip_x0).write_out(str(partial), verbose=False)
-        max_abs_diff = _saved_model_parity(model, partial)
+        network = exported_network(model)
+        _serving_archive(model, network, clip_x0).write_out(str(partial), verbose=False)
+        max_abs_diff = _saved_model_parity(model, network, partial)
         os.rename(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -145,8 +164,7 @@ def _saved_model_target(base_dir: Path, model_name: str, version: int | None) ->
     return final
 
 
-def _serving_archive(model: DiffusionModel, clip_x0: bool) -> keras.export.ExportArchive:
-    network = model.ema_denoiser
+def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool) -> keras.export.ExportArchive:
     height, width, channels = model.image_shape
     timesteps = model.schedule.timesteps
     sampler = Sampler(network, model.image_shape)
@@ -231,13 +249,13 @@ def _serving_archive(model: DiffusionModel, clip_x0: bool) -> keras.export.Expor
     return archive
 
 
-def _saved_model_parity(model: DiffusionModel, path: Path) -> float:
+def _saved_model_parity(model: DiffusionModel, network: keras.Model, path: Path) -> float:
     loaded = tf.saved_model.load(str(path))
     serve = loaded.signatures["serving_default"]
     diff = 0.0
     for x_t, t in _parity_inputs(model):
         eps = serve(x_t=tf.constant(x_t), t=tf.constant(t))["eps"].numpy()
-        diff = max(diff, float(np.abs(eps - _keras_eps(model, x_t, t)).max()))
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, x_t, t)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"The exported SavedModel differs from the Keras model by {diff:.3g} (> {TOLERANCE}); nothing was written."
@@ -264,7 +282,7 @@ def export_onnx(
     import tf2onnx
 
     path = _onnx_target(Path(path), overwrite)
-    network = model.ema_denoiser
+    network = exported_network(model)
     signature = [
         tf.TensorSpec([None, *model.image_shape], tf.float32, name="x_t"),
         tf.TensorSpec([None], tf.int32, name="t"),
@@ -280,7 +298,7 @@ def export_onnx(
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     serialized = proto.SerializeToString()
-    max_abs_diff = _onnx_parity(model, serialized)
+    max_abs_diff = _onnx_parity(model, network, serialized)
     partial = path.with_name(f".{path.name}.partial")
     try:
         partial.write_bytes(serialized)
@@ -310,14 +328,14 @@ def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
     }
 
 
-def _onnx_parity(model: DiffusionModel, serialized: bytes) -> float:
+def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes) -> float:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     diff = 0.0
     for x_t, t in _parity_inputs(model):
         (eps,) = session.run(["eps"], {"x_t": x_t, "t": t})
-        diff = max(diff, float(np.abs(eps - _keras_eps(model, x_t, t)).max()))
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, x_t, t)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"ONNX Runtime's output differs from the Keras model by {diff:.3g} (> {TOLERANCE}); "
@@ -340,8 +358,8 @@ def _parity_inputs(model: DiffusionModel) -> list[tuple[np.ndarray, np.ndarray]]
     ]
 
 
-def _keras_eps(model: DiffusionModel, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t], training=False)).astype(np.float32)
+def _keras_eps(network: keras.Model, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(network([x_t, t], training=False)).astype(np.float32)
 
 
 def _writable_dir(path: Path) -> Path:

@@ -222,12 +222,12 @@ def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_pat
             Path(filepath, "saved_model.pb").write_bytes(b"half")
             raise OSError("disk full")
 
-    monkeypatch.setattr(export_module, "_serving_archive", lambda model, clip_x0: HalfWritten())
+    monkeypatch.setattr(export_module, "_serving_archive", lambda model, network, clip_x0: HalfWritten())
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(model, tmp_path)
     monkeypatch.undo()
     # The parity check failing after a complete write must not publish the version either.
-    monkeypatch.setattr(export_module, "_keras_eps", lambda model, x_t, t: np.ones((len(t), *SHAPE), np.float32))
+    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.ones((len(t), *SHAPE), np.float32))
     with pytest.raises(KddpmError, match=r"differs from the Keras model by"):
         export_saved_model(model, tmp_path)
     assert [p.name for p in (tmp_path / "kddpm").iterdir()] == ["1"]
@@ -271,7 +271,7 @@ def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeyp
 
     model_file = tmp_path / "model.keras"
     model.save(model_file)
-    monkeypatch.setattr(export_module, "_keras_eps", lambda model, x_t, t: np.full((len(t), *SHAPE), 0.5, np.float32))
+    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.full((len(t), *SHAPE), 0.5, np.float32))
     code = cli.main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert code == 2
@@ -422,3 +422,26 @@ def test_rest_client_round_trip(model, exported, tmp_path):
     assert seen == ["/v1/models/kddpm:predict"]
     expected = to_uint8(model.sample(4, seed=2, sampler="ddim", steps=6))
     assert images.dtype == np.uint8 and np.abs(images.astype(int) - expected).max() <= 1
+
+
+def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
+    from kddpm.training import set_precision
+
+    try:
+        set_precision("bfloat16")
+        model = DiffusionModel(tiny_unet(SHAPE), NoiseSchedule.linear(T))
+    finally:
+        set_precision("off")
+    rng = np.random.default_rng(6)
+    model.ema_denoiser.set_weights(
+        [rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.ema_denoiser.get_weights()]
+    )
+    results = {r.format: r for r in export_model(model, tmp_path, "all")}
+    assert results["saved_model"].max_abs_diff <= 1e-4 and results["onnx"].max_abs_diff <= 1e-4
+    x_t = rng.standard_normal((4, *SHAPE)).astype(np.float32)
+    t = np.array([0, 5, 20, T - 1], np.int32)
+    served = tf.saved_model.load(str(results["saved_model"].path)).signatures["serving_default"]
+    eps = served(x_t=tf.constant(x_t), t=tf.constant(t))["eps"].numpy()
+    bf16_eps = keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t]))
+    # The export computes in float32: close to the bfloat16 network, not equal to it.
+    assert 0 < np.abs(eps - bf16_eps).max() < 0.05 * np.abs(bf16_eps).max()
