@@ -93,6 +93,10 @@ def main() -> None:
     keras.mixed_precision.set_global_policy("float32")
     bf16_64 = sampler_step_seconds(bf16_network, shape, 64, max(5, args.sample_steps // 4))
     print(f"  batch 64, compiled, bfloat16 network: {bf16_64 * 1e3:7.1f}")
+    bf16_1 = sampler_step_seconds(bf16_network, shape, 1, args.sample_steps)
+    bf16_loop_1 = predict_loop_step_seconds(bf16_network, shape, args.sample_steps)
+    print(f"  batch 1,  compiled, bfloat16 network: {bf16_1 * 1e3:7.1f}")
+    print(f"  batch 1,  predict(), bfloat16 network: {bf16_loop_1 * 1e3:6.1f}  ({bf16_loop_1 / bf16_1:.1f}x slower)")
 
 
 if __name__ == "__main__":
