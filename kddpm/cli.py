@@ -347,7 +347,8 @@ def _export(args: argparse.Namespace) -> int:
     )
     for result in results:
         print(f"  {result.path}: max |{result.label} - Keras| = {result.max_abs_diff:.2e}")
-    print("Exported: " + "  ".join(f"{result.label}: {result.path}" for result in results))
+    names = {"saved_model": "SavedModel", "onnx": "ONNX"}
+    print("Exported: " + "  ".join(f"{names[result.format]}: {result.path}" for result in results))
     return 0
 
 
