@@ -41,9 +41,6 @@ FORMATS = ("saved_model", "onnx", "all")
 DEFAULT_OPSET = 17
 # Largest |ONNX Runtime - Keras| (or |SavedModel - Keras|) accepted on the parity check.
 TOLERANCE = 1e-4
-# Keys of the ONNX metadata that onnx_sample.py reads.
-METADATA_FORMAT = "kddpm.format"
-METADATA_KEYS = ("kddpm.schedule", "kddpm.image_shape", "kddpm.timesteps")
 _PARITY_BATCHES = (1, 8)
 
 
@@ -321,7 +318,7 @@ def _onnx_target(path: Path, overwrite: bool) -> Path:
 def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
     """What a sampler needs besides the network, as ONNX ``metadata_props`` strings."""
     return {
-        METADATA_FORMAT: "1",
+        "kddpm.format": "1",  # what export/onnx_sample.py checks for
         "kddpm.schedule": json.dumps(model.schedule.get_config()),
         "kddpm.image_shape": json.dumps(list(model.image_shape)),
         "kddpm.timesteps": str(model.schedule.timesteps),
