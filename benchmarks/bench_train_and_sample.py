@@ -6,6 +6,9 @@ Training: images/s of DiffusionModel.fit at batch 64 for the `small` preset's U-
 (1, 2, 2), 32x32x1: the configuration diffusers trains at 31.5 images/s on 2 CPU cores) in float32
 and mixed bfloat16, and for the `demo` preset. Sampling: time per reverse step of the compiled
 sampler at batch 1 and 64, against a Python loop calling `denoiser.predict` once per step.
+The compiled sampler runs with its default `jit_compile="auto"` (XLA on CPU up to batch 8),
+and at batch 1 also with XLA off. This VM's speed drifts by up to 30% over minutes, so the
+batch-1 comparison alternates the two loops for several rounds and reports every round.
 """
 
 from __future__ import annotations
@@ -43,17 +46,18 @@ def train_throughput(preset_name: str, precision: str, steps: int, batch_size: i
     return meter.images_per_second()
 
 
-def sampler_step_seconds(network, image_shape, batch: int, steps: int) -> float:
-    sampler = Sampler(network, image_shape)
+def sampler_step_seconds(network, image_shape, batch: int, steps: int, jit_compile="auto") -> float:
+    sampler = Sampler(network, image_shape, jit_compile=jit_compile)
     plan = ddim_plan(SCHEDULE, steps, eta=1.0)
-    sampler.sample(ddim_plan(SCHEDULE, 2), batch, seed=0).numpy()  # trace once
+    sampler.sample(plan, batch, seed=0).numpy()  # trace and compile once
     start = time.perf_counter()
     sampler.sample(plan, batch, seed=1).numpy()
     return (time.perf_counter() - start) / steps
 
 
 def predict_loop_step_seconds(network, image_shape, steps: int) -> float:
-    """keras-io's way: one `predict` call per reverse step, the update in numpy."""
+    """keras-io's way: one `predict` call per reverse step. The update is in numpy, which is
+    cheaper than keras-io's eager TensorFlow ops, so the loop is timed at its fastest."""
     schedule = SCHEDULE
     x = np.random.default_rng(0).standard_normal((1, *image_shape)).astype(np.float32)
     network.predict([x, np.array([999], np.int32)], verbose=0)
@@ -71,23 +75,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-steps", type=int, default=15)
     parser.add_argument("--sample-steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating batch-1 measurements")
+    parser.add_argument("--no-train", action="store_true", help="measure the samplers only")
     args = parser.parse_args()
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores")
     print("\nTraining, batch 64 (images/s, steady state):")
-    for preset, precision in (("small", "float32"), ("small", "mixed_bfloat16"), ("demo", "float32")):
+    for preset, precision in (
+        () if args.no_train else (("small", "float32"), ("small", "mixed_bfloat16"), ("demo", "float32"))
+    ):
         rate = train_throughput(preset, precision, args.train_steps)
         print(f"  {preset:6s} {precision:15s} {rate:7.1f}", flush=True)
 
     print("\nSampling with the small preset's U-Net (ms per reverse step):")
     model = create_model(PRESETS["small"], seed=0)
-    shape = PRESETS["small"].image_shape
-    compiled_1 = sampler_step_seconds(model.ema_denoiser, shape, 1, args.sample_steps)
-    loop_1 = predict_loop_step_seconds(model.ema_denoiser, shape, args.sample_steps)
-    compiled_64 = sampler_step_seconds(model.ema_denoiser, shape, 64, max(5, args.sample_steps // 4))
-    print(f"  batch 1,  compiled tf.function loop : {compiled_1 * 1e3:7.1f}")
-    print(f"  batch 1,  Python loop of predict()  : {loop_1 * 1e3:7.1f}  ({loop_1 / compiled_1:.1f}x slower)")
-    print(f"  batch 64, compiled tf.function loop : {compiled_64 * 1e3:7.1f}")
+    network, shape = model.ema_denoiser, PRESETS["small"].image_shape
+    ratios = []
+    for round_ in range(1, args.rounds + 1):
+        compiled_1 = sampler_step_seconds(network, shape, 1, args.sample_steps)
+        loop_1 = predict_loop_step_seconds(network, shape, args.sample_steps)
+        ratios.append(loop_1 / compiled_1)
+        print(
+            f"  batch 1, round {round_}: compiled (default, XLA) {compiled_1 * 1e3:5.1f}, "
+            f"Python loop of predict() {loop_1 * 1e3:5.1f}  ({ratios[-1]:.1f}x slower)",
+            flush=True,
+        )
+    print(f"  batch 1,  predict() loop / compiled : median {np.median(ratios):.1f}x, lowest {min(ratios):.1f}x")
+    no_xla_1 = sampler_step_seconds(network, shape, 1, args.sample_steps, jit_compile=False)
+    print(f"  batch 1,  compiled, XLA off         : {no_xla_1 * 1e3:7.1f}")
+    compiled_64 = sampler_step_seconds(network, shape, 64, max(5, args.sample_steps // 4))
+    print(f"  batch 64, compiled (default, no XLA): {compiled_64 * 1e3:7.1f}")
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     bf16_network = create_model(PRESETS["small"], seed=0).ema_denoiser
     keras.mixed_precision.set_global_policy("float32")

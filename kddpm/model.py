@@ -14,7 +14,7 @@ import tensorflow as tf
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
-from kddpm.sampling import RNG_ALG, Sampler, make_plan
+from kddpm.sampling import RNG_ALG, Sampler, make_plan, standard_normal
 from kddpm.schedule import NoiseSchedule
 
 # Training images must lie in [-1, 1]; this bound only catches data that was never scaled
@@ -166,10 +166,9 @@ class DiffusionModel(keras.Model):
             dtype=tf.int32,
             alg=RNG_ALG,
         )
-        noise = tf.random.stateless_normal(
+        noise = standard_normal(
             tf.concat([[global_batch], tf.shape(images)[1:]], 0),
-            seed=tf.random.experimental.stateless_fold_in(key, 2, alg=RNG_ALG),
-            alg=RNG_ALG,
+            tf.random.experimental.stateless_fold_in(key, 2, alg=RNG_ALG),
         )
         return t[begin : begin + local], noise[begin : begin + local]
 
@@ -252,7 +251,7 @@ class DiffusionModel(keras.Model):
         use_ema: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
-        jit_compile: bool | None = None,
+        jit_compile: bool | str = "auto",
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
@@ -260,7 +259,7 @@ class DiffusionModel(keras.Model):
         'beta') or 'ddim' (``steps`` steps, default 50, stochasticity ``eta``). clip_x0:
         clip the predicted x0 to [-1, 1] at every step. use_ema: sample with the EMA weights
         (the default, as the paper does). batch_size: images per graph call (default: all).
-        The same seed gives the same images.
+        jit_compile: XLA on or off, or "auto" (see ``Sampler``). The same seed gives the same images.
         """
         plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
         runner = self._get_sampler(use_ema, jit_compile)
@@ -272,10 +271,8 @@ class DiffusionModel(keras.Model):
             batches.append(np.clip(images.numpy(), -1.0, 1.0))
         return np.concatenate(batches, axis=0)
 
-    def _get_sampler(self, use_ema: bool, jit_compile: bool | None) -> Sampler:
+    def _get_sampler(self, use_ema: bool, jit_compile: bool | str) -> Sampler:
         network = self.ema_denoiser if use_ema else self.denoiser
-        if jit_compile is None:
-            jit_compile = bool(tf.config.list_physical_devices("GPU"))
         cached = self._sampler
         if cached is None or cached.network is not network or cached.jit_compile != jit_compile:
             self._sampler = Sampler(network, self.image_shape, jit_compile=jit_compile)

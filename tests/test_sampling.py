@@ -5,10 +5,19 @@ import math
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
-from kddpm.sampling import Sampler, ddim_plan, ddim_timesteps, ddpm_plan
+from kddpm.sampling import (
+    XLA_CPU_MAX_BATCH,
+    Sampler,
+    ddim_plan,
+    ddim_timesteps,
+    ddpm_plan,
+    seed_pair,
+    standard_normal,
+)
 
 T = 100
 
@@ -73,20 +82,22 @@ def draws(steps, batch=3, seed=0):
     )
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("variance, clip", [("beta_tilde", False), ("beta", False), ("beta_tilde", True)])
-def test_ddpm_matches_numpy_algorithm_2(network, schedule, variance, clip):
+def test_ddpm_matches_numpy_algorithm_2(network, schedule, variance, clip, jit_compile):
     x_T, noise = draws(T)
     plan = ddpm_plan(schedule, variance, clip)
-    ours = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
+    ours = Sampler(network, (8, 8, 1), jit_compile).sample(plan, x_T=x_T, noise=noise).numpy()
     reference = numpy_ddpm(network, schedule.betas, x_T, noise, variance, clip)
     np.testing.assert_allclose(ours, reference, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("steps, eta, clip", [(10, 0.0, False), (25, 1.0, False), (10, 0.5, True)])
-def test_ddim_matches_numpy(network, schedule, steps, eta, clip):
+def test_ddim_matches_numpy(network, schedule, steps, eta, clip, jit_compile):
     x_T, noise = draws(steps)
     plan = ddim_plan(schedule, steps, eta, clip)
-    ours = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
+    ours = Sampler(network, (8, 8, 1), jit_compile).sample(plan, x_T=x_T, noise=noise).numpy()
     reference = numpy_ddim(network, schedule.betas, list(plan.timesteps), x_T, noise, eta, clip)
     np.testing.assert_allclose(ours, reference, atol=1e-3, rtol=1e-3)
 
@@ -135,12 +146,46 @@ def test_same_seed_same_images_and_range(network, schedule):
     assert batched.shape == (5, 8, 8, 1)
 
 
-def test_xla_sampler_matches_the_plain_graph(network, schedule):
-    x_T, noise = draws(10)
-    plan = ddim_plan(schedule, 10, eta=0.5)
-    plain = Sampler(network, (8, 8, 1)).sample(plan, x_T=x_T, noise=noise).numpy()
-    xla = Sampler(network, (8, 8, 1), jit_compile=True).sample(plan, x_T=x_T, noise=noise).numpy()
+def test_auto_uses_xla_for_small_batches_on_cpu(network):
+    auto = Sampler(network, (8, 8, 1))
+    assert [auto.uses_xla(batch) for batch in (1, XLA_CPU_MAX_BATCH, XLA_CPU_MAX_BATCH + 1)] == [True, True, False]
+    assert not Sampler(network, (8, 8, 1), jit_compile=False).uses_xla(1)
+    assert Sampler(network, (8, 8, 1), jit_compile=True).uses_xla(64)
+    with pytest.raises(KddpmError, match="jit_compile"):
+        Sampler(network, (8, 8, 1), jit_compile="yes")
+
+
+@pytest.mark.parametrize("batch", [2, XLA_CPU_MAX_BATCH + 2])
+def test_a_seed_gives_the_same_images_with_and_without_xla(network, schedule, batch):
+    """The noise comes from Philox integers, which XLA and the plain graph agree on, so only
+    float rounding separates the two compiled loops, at any batch size."""
+    plan = ddim_plan(schedule, 12, eta=1.0)
+    plain = Sampler(network, (8, 8, 1), jit_compile=False).sample(plan, batch, seed=5).numpy()
+    xla = Sampler(network, (8, 8, 1), jit_compile=True).sample(plan, batch, seed=5).numpy()
+    auto = Sampler(network, (8, 8, 1)).sample(plan, batch, seed=5).numpy()
     np.testing.assert_allclose(plain, xla, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(auto, xla if batch <= XLA_CPU_MAX_BATCH else plain)
+    assert np.abs(plain).max() > 0.5  # not a degenerate all-zero draw
+
+
+def test_standard_normal_is_normal_and_the_same_under_xla():
+    key = seed_pair(2024)
+    shape = [200, 500]
+    plain = tf.function(standard_normal)(shape, key).numpy().astype(np.float64).ravel()
+    xla = tf.function(standard_normal, jit_compile=True)(shape, key).numpy().astype(np.float64).ravel()
+    np.testing.assert_allclose(plain, xla, rtol=1e-5, atol=1e-6)
+    # 100,000 draws against N(0, 1): moments, and the Kolmogorov-Smirnov distance to the
+    # normal CDF (its 1% critical value is 1.63 / sqrt(n) = 0.0052).
+    assert abs(plain.mean()) < 0.015 and abs(plain.std() - 1) < 0.01
+    assert abs(np.mean(plain**4) - 3) < 0.08
+    ordered = np.sort(plain)
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(ordered / math.sqrt(2)))
+    steps = np.arange(1, len(ordered) + 1) / len(ordered)
+    assert max(np.abs(steps - cdf).max(), np.abs(steps - 1 / len(ordered) - cdf).max()) < 0.0052
+    # Another key, other draws; the same key, the same draws.
+    other = standard_normal(shape, seed_pair(2025)).numpy().ravel()
+    assert abs(np.corrcoef(plain, other)[0, 1]) < 0.02
+    np.testing.assert_array_equal(standard_normal(shape, key).numpy().ravel(), plain.astype(np.float32))
 
 
 def test_bad_sampler_arguments(network, schedule):
