@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.presets import PRESETS
-from kddpm.sampling import Sampler, ddim_plan
+from kddpm.sampling import XLA_CPU_MAX_BATCH, Sampler, ddim_plan
 from kddpm.schedule import NoiseSchedule
 from kddpm.training import Throughput, create_model, make_optimizer
 
@@ -106,6 +106,12 @@ def main() -> None:
     print(f"  batch 1,  compiled, XLA off         : {no_xla_1 * 1e3:7.1f}")
     compiled_64 = sampler_step_seconds(default, 64, max(5, args.sample_steps // 4))
     print(f"  batch 64, compiled (default, no XLA): {compiled_64 * 1e3:7.1f}")
+    print(f"  XLA vs plain graph by batch (jit_compile='auto' uses XLA up to batch {XLA_CPU_MAX_BATCH}):")
+    xla = Sampler(network, shape, jit_compile=True)
+    for batch in (1, 4, 8, 16, 32):
+        steps = 20 if batch <= 4 else 6
+        with_xla, without = sampler_step_seconds(xla, batch, steps), sampler_step_seconds(no_xla, batch, steps)
+        print(f"    batch {batch:2d}: XLA {with_xla * 1e3:6.1f}, plain {without * 1e3:6.1f}", flush=True)
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     bf16_network = create_model(PRESETS["small"], seed=0).ema_denoiser
     keras.mixed_precision.set_global_policy("float32")

@@ -31,8 +31,9 @@ SAMPLERS = ("ddpm", "ddim")
 # would make the same seed give other noise with jit_compile or on another device.
 RNG_ALG = "philox"
 # On CPU, XLA's compiled loop beats TensorFlow's oneDNN kernels only at small batches. Per
-# reverse step of the 64-channel (1, 2, 2) U-Net at 32x32x1 on 2 cores: 10.5 vs 14.4 ms at
-# batch 1, 37 vs 43 at 4, 71 vs 73 at 8, 143 vs 137 at 16, 299 vs 268 at 32.
+# reverse step of the 64-channel (1, 2, 2) U-Net at 32x32x1 on 2 cores, XLA vs plain graph:
+# 12.0 vs 15.7 ms at batch 1, 38 vs 44 at 4, 70 vs 72 at 8, 143 vs 133 at 16, 294 vs 264 at 32
+# (benchmarks/bench_train_and_sample.py prints this sweep).
 XLA_CPU_MAX_BATCH = 8
 VARIANCES = ("beta_tilde", "beta")
 
