@@ -2,24 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The demo needs the package alone; the tests add the dev tools (pytest, ruff, notebook runner).
+CORE := $(VENV)/.installed-core
+DEV := $(VENV)/.installed-dev
 
 .PHONY: demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(CORE): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(CORE)
 
-demo: $(STAMP)
+$(DEV): $(CORE)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(DEV)
+
+demo: $(CORE)
 	$(BIN)/kddpm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP)
+test: $(DEV)
 	$(BIN)/ruff check kddpm tests benchmarks export
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+lint: $(DEV)
+	$(BIN)/ruff check kddpm tests benchmarks export
+
+bench: $(CORE)
 	$(BIN)/python benchmarks/bench_train_and_sample.py
 
 clean:

@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from grid import image_grid  # kddpm/grid.py, the grid every kddpm tool writes
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -159,18 +160,6 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray) -> np.ndarray:
-    """uint8 [B, H, W, C] tiled into a near-square [rows*H, cols*W, C] grid."""
-    count, height, width, channels = images.shape
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
-    return grid
-
-
 def write_png(path: str | Path, image: np.ndarray) -> Path:
     """Writes a uint8 [H, W, 1|3] image as an 8-bit PNG (zlib only, so no imaging library)."""
     height, width, channels = image.shape
@@ -211,11 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
+    parser.add_argument(
+        "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
+    )
     args = parser.parse_args(argv)
     try:
+        if args.grid_scale is not None and args.grid_scale < 1:
+            raise KddpmOnnxError(f"--grid-scale must be a positive integer, got {args.grid_scale}.")
         session = open_session(args.model)
         images = sample(session, args.num, args.sampler, args.steps, args.eta, clip_x0=args.clip_x0, seed=args.seed)
-        path = write_png(args.out, image_grid(to_uint8(images)))
+        path = write_png(args.out, image_grid(to_uint8(images), scale=args.grid_scale))
     except KddpmOnnxError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
-from onnx_sample import image_grid, write_png
+from grid import image_grid
+from onnx_sample import write_png
 
 
 def request_samples(
@@ -53,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM ignores it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="served_samples.png")
+    parser.add_argument(
+        "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
+    )
     args = parser.parse_args(argv)
     images = request_samples(args.url, args.model, args.num, args.sampler, args.steps, args.seed)
-    print(f"Samples: {write_png(args.out, image_grid(images))}")
+    print(f"Samples: {write_png(args.out, image_grid(images, scale=args.grid_scale))}")
     return 0
 
 

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    _quiet_tensorflow(args.verbose)
+    from kddpm import _startup
     from kddpm.errors import KddpmError
+
+    if not args.verbose:
+        _startup.quiet_python_logs()
 
     try:
         return args.run(args) or 0
@@ -40,31 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"error: {type(error).__name__}: {first_line} (run again with --verbose for details)", file=sys.stderr)
         return 1
-
-
-def _quiet_tensorflow(verbose: bool) -> None:
-    """Silences TensorFlow's C++ and Python logs unless --verbose; must run before TF loads."""
-    if verbose:
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    # Some native start-up lines ignore TF_CPP_MIN_LOG_LEVEL: hide stderr while TF loads.
-    devnull, saved = os.open(os.devnull, os.O_WRONLY), os.dup(2)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow as tf
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    tf.get_logger().setLevel(logging.ERROR)
-    import absl.logging
-
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default: runs/PRESET)")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     train.add_argument("--grid-every", type=int, default=5, help="write a sample grid every N epochs (default 5)")
+    _add_grid_scale(train)
+    train.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="folders of images: leave out files that cannot be decoded (counted) instead of stopping",
+    )
     train.add_argument(
         "--strategy",
         choices=["auto", "default", "mirrored", "multiworker"],
@@ -115,9 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--mixed-precision",
-        choices=["off", "bfloat16", "float16"],
+        choices=["auto", "off", "bfloat16", "float16"],
         default="off",
-        help="compute the network in 16 bits (weights, loss and sampler stay float32)",
+        help="compute the network in 16 bits (weights, loss and sampler stay float32); "
+        "auto: bfloat16 where the CPU or GPU computes it natively, else off (default: off)",
     )
     train.add_argument(
         "--jit",
@@ -138,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
     sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    _add_grid_scale(sample)
     sample.set_defaults(run=_sample)
 
     export = verbs.add_parser(
@@ -159,6 +145,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_grid_scale(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grid-scale",
+        type=int,
+        help="enlarge each image of a grid this many times (default: grids at least 512 px wide; 1: raw pixels)",
+    )
+
+
 def _train(args: argparse.Namespace) -> int:
     import keras
 
@@ -171,6 +165,7 @@ def _train(args: argparse.Namespace) -> int:
         StopOnNonFiniteLoss,
         Throughput,
         TrainingBackup,
+        TrainingClock,
         create_model,
         is_chief,
         make_optimizer,
@@ -190,7 +185,7 @@ def _train(args: argparse.Namespace) -> int:
     if model_path.exists() and not args.overwrite:
         raise KddpmError(f"{out} already holds a trained model; choose another --out or pass --overwrite.")
     batch_size = args.batch_size or preset.batch_size
-    for name in ("steps", "epochs", "batch_size", "steps_per_epoch", "grid_every"):
+    for name in ("steps", "epochs", "batch_size", "steps_per_epoch", "grid_every", "grid_scale"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
@@ -204,8 +199,13 @@ def _train(args: argparse.Namespace) -> int:
     state = read_backup_state(backup_dir)
     start_step = state["step"] if state else 0
 
+    print(f"Precision: {set_precision(args.mixed_precision)}")
     source = image_source(
-        args.data, "train", args.data_dir, preset.image_shape[2] if Path(args.data).is_dir() else None
+        args.data,
+        "train",
+        args.data_dir,
+        preset.image_shape[2] if Path(args.data).is_dir() else None,
+        skip_bad_images=args.skip_bad_images,
     )
     print(f"Data: {source.description}")
     if args.epochs:
@@ -227,7 +227,6 @@ def _train(args: argparse.Namespace) -> int:
         labels=False,
     )
 
-    set_precision(args.mixed_precision)
     with strategy.scope():
         model = create_model(preset, seed=args.seed)
         jit = {"auto": "auto", "on": True, "off": False}[args.jit]
@@ -235,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     print(
         f"Model: preset {preset.name}, {model.denoiser.count_params():,} parameters; "
         f"{epochs} epochs x {steps_per_epoch} steps of {batch_size} images; "
-        f"{strategy.num_replicas_in_sync} replica(s), precision {keras.mixed_precision.global_policy().name}"
+        f"{strategy.num_replicas_in_sync} replica(s)"
     )
     if state:
         print(f"Resuming from step {start_step} (epoch {state['epoch']}) of {backup_dir / 'latest.weights.h5'}")
@@ -251,10 +250,16 @@ def _train(args: argparse.Namespace) -> int:
         keras.callbacks.ModelCheckpoint(write_dir / "checkpoints" / "last.keras"),
         keras.callbacks.TensorBoard(write_dir / "logs"),
         throughput,
+        TrainingClock(epochs),
     ]
     if chief:
         grids = SampleGrid(
-            out / "samples", every=args.grid_every, num_images=GRID_IMAGES, seed=args.seed, **grid_settings
+            out / "samples",
+            every=args.grid_every,
+            num_images=GRID_IMAGES,
+            seed=args.seed,
+            grid_scale=args.grid_scale,
+            **grid_settings,
         )
         callbacks.append(grids)
     started = time.time()
@@ -281,7 +286,7 @@ def _train(args: argparse.Namespace) -> int:
         f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)"
     )
     images = model.sample(GRID_IMAGES, seed=args.seed, progress=True, **grid_settings)
-    grid = write_grid(images, out / "samples" / "final.png")
+    grid = write_grid(images, out / "samples" / "final.png", args.grid_scale)
     losses = history.history.get("loss") or [float("nan")]
     trained = epochs * steps_per_epoch - start_step
     print(
@@ -304,8 +309,10 @@ def _sample(args: argparse.Namespace) -> int:
     from kddpm.model import load_diffusion_model
     from kddpm.training import write_grid
 
-    if args.num < 1:
-        raise KddpmError(f"--num must be a positive integer, got {args.num}.")
+    for name in ("num", "steps", "batch_size", "grid_scale"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise KddpmError(f"--out {out} must end in .png.")
@@ -327,7 +334,7 @@ def _sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=True,
     )
-    print(f"Samples: {write_grid(images, out)}")
+    print(f"Samples: {write_grid(images, out, args.grid_scale)}")
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -133,8 +134,13 @@ def image_source(
     split: str = "train",
     data_dir: str | os.PathLike | None = None,
     channels: int | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageSource:
-    """The unbatched uint8 images of ``source`` (see the module docstring) with their labels."""
+    """The unbatched uint8 images of ``source`` (see the module docstring) with their labels.
+
+    skip_bad_images: folders only; files that cannot be decoded are left out (and counted in
+    the description) instead of raising KddpmError naming them.
+    """
     if source == FASHION_MNIST:
         images, labels, description = load_fashion_mnist(split, data_dir)
         dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
@@ -143,7 +149,7 @@ def image_source(
         return _tfds_source(source[len("tfds:") :], split, data_dir)
     path = Path(source).expanduser()
     if path.is_dir():
-        return _folder_source(path, channels)
+        return _folder_source(path, channels, skip_bad_images)
     raise KddpmError(f"Unknown dataset {source!r}: use '{FASHION_MNIST}', 'tfds:NAME' or an existing folder of images.")
 
 
@@ -166,26 +172,36 @@ def _tfds_source(name: str, split: str, data_dir) -> ImageSource:
     return ImageSource(dataset.map(pick), f"tensorflow-datasets {name} ({split})", size)
 
 
-def _folder_source(path: Path, channels: int | None) -> ImageSource:
+def _folder_source(path: Path, channels: int | None, skip_bad_images: bool = False) -> ImageSource:
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise KddpmError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {path}; check the folder.")
+    names = [str(f) for f in files]
+    # Every file is decoded once here, so that a truncated or unreadable image is named now
+    # instead of failing training later with a bare graph error.
+    found = _decodable_channel_counts(names)
+    bad = [name for name in names if name not in found]
+    skipped = ""
+    if bad:
+        shown = "; ".join(f"{name}: {_decode_error(name)}" for name in bad[:3]) + (" ..." if len(bad) > 3 else "")
+        if not skip_bad_images:
+            raise KddpmError(
+                f"{len(bad)} of {len(names)} images in {path} cannot be decoded ({shown}); replace or delete "
+                "them, or leave them out with --skip-bad-images (load_dataset(..., skip_bad_images=True))."
+            )
+        files = [f for f in files if str(f) in found]
+        names = [str(f) for f in files]
+        if not names:
+            raise KddpmError(f"None of the images in {path} can be decoded ({shown}); check the folder.")
+        skipped = f", {len(bad)} undecodable files skipped: {shown}"
     classes = sorted({f.parent.relative_to(path).as_posix() for f in files})
     label_of = {name: index for index, name in enumerate(classes)}
     labels = np.array([label_of[f.parent.relative_to(path).as_posix()] for f in files], np.int32)
-    names = [str(f) for f in files]
-
-    def decode(name, keep=0):
-        return tf.io.decode_image(tf.io.read_file(name), channels=keep, expand_animations=False)
 
     if channels is None:
-        counts = tf.data.Dataset.from_tensor_slices(names).map(
-            lambda name: tf.shape(decode(name))[-1], num_parallel_calls=tf.data.AUTOTUNE
-        )
-        found = np.fromiter(counts.as_numpy_iterator(), dtype=np.int32, count=len(names))
-        kinds = sorted(set(found.tolist()))
+        kinds = sorted({found[name] for name in names})
         if len(kinds) > 1:
-            examples = ", ".join(f"{names[int(np.argmax(found == k))]} has {k}" for k in kinds)
+            examples = ", ".join(f"{next(n for n in names if found[n] == k)} has {k}" for k in kinds)
             raise KddpmError(
                 f"Images in {path} have mixed channel counts ({examples}); convert them to one "
                 "format or pass channels=1 or channels=3 (--channels) to convert while loading."
@@ -194,9 +210,35 @@ def _folder_source(path: Path, channels: int | None) -> ImageSource:
     elif channels not in (1, 3, 4):
         raise KddpmError(f"channels must be 1, 3 or 4, got {channels}.")
     dataset = tf.data.Dataset.from_tensor_slices((names, labels)).map(
-        lambda name, label: (decode(name, channels), label), num_parallel_calls=tf.data.AUTOTUNE
+        lambda name, label: (_decode_file(name, channels), label), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return ImageSource(dataset, f"{len(names)} images in {path} ({len(classes)} folders)", len(names))
+    description = f"{len(names)} images in {path} ({len(classes)} folders{skipped})"
+    return ImageSource(dataset, description, len(names))
+
+
+def _decode_file(name: tf.Tensor, channels: int = 0) -> tf.Tensor:
+    return tf.io.decode_image(tf.io.read_file(name), channels=channels, expand_animations=False)
+
+
+def _decodable_channel_counts(names: list[str]) -> dict[str, int]:
+    """{file: channel count} for the files that decode; the others are missing from it."""
+    indices = tf.data.Dataset.from_tensor_slices(np.arange(len(names), dtype=np.int32))
+    counts = indices.map(
+        lambda i: (i, tf.shape(_decode_file(tf.gather(names, i)))[-1]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).ignore_errors()
+    return {names[int(i)]: int(count) for i, count in counts.as_numpy_iterator()}
+
+
+def _decode_error(name: str) -> str:
+    """Why ``name`` does not decode, in one short line."""
+    try:
+        _decode_file(tf.constant(name))
+    except tf.errors.OpError as error:
+        # TensorFlow prefixes the kernel's name in braces; the reason is what follows.
+        message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message).strip().splitlines()
+        return f"truncated or corrupt ({message[0][:100] if message else type(error).__name__})"
+    return "could not be decoded"
 
 
 def load_dataset(
@@ -217,6 +259,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     skip_batches: int = 0,
     labels: bool = True,
+    skip_bad_images: bool = False,
 ) -> tf.data.Dataset:
     """A batched pipeline of (images [B, H, W, C] float32 in [-1, 1], labels [B] int32).
 
@@ -238,6 +281,8 @@ def load_dataset(
         labels: False gives the images alone. Training ignores labels; leave them out under
             MultiWorkerMirroredStrategy, where Keras fails to average integer labels while
             building the model.
+        skip_bad_images: folders only: leave out files that cannot be decoded instead of
+            raising an error that names them (every file is decoded once when loading).
         skip_batches: start this many batches into the stream (resuming a run at that step:
             the images, their order and flips are those an uninterrupted run sees next).
 
@@ -249,7 +294,7 @@ def load_dataset(
     else:
         if image_shape is not None and channels is None and Path(source).expanduser().is_dir():
             channels = int(image_shape[2])
-        loaded = image_source(source, split, data_dir, channels)
+        loaded = image_source(source, split, data_dir, channels, skip_bad_images)
     if image_shape is not None:
         image_size, pad_to = _fit_to(loaded, tuple(int(d) for d in image_shape))
     dataset = loaded.dataset

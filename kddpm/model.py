@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +335,7 @@ def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
         path = path / "model.keras"
     if not path.is_file():
         raise KddpmError(f"No model at {path}; give a run folder holding model.keras or a .keras file.")
+    _check_keras_archive(path)
     try:
         model = keras.models.load_model(path)
     except Exception as error:  # Keras raises many types for damaged archives
@@ -343,3 +346,23 @@ def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
     if not isinstance(model, DiffusionModel):
         raise KddpmError(f"{path} holds a {type(model).__name__}, not a kddpm DiffusionModel.")
     return model
+
+
+def _check_keras_archive(path: Path) -> None:
+    """A ``.keras`` file is a zip archive: name truncation or damage before Keras reads it."""
+    restore = "restore it from the run's checkpoints/ or backup, or retrain"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+            names = set(archive.namelist())
+    except zipfile.BadZipFile:
+        raise KddpmError(
+            f"{path} is truncated or not a zip archive (a .keras file is one), so it is not a saved Keras model; "
+            f"{restore}."
+        ) from None
+    except (OSError, EOFError, zlib.error) as error:
+        raise KddpmError(f"{path} is damaged ({error}); {restore}.") from None
+    if damaged is not None:
+        raise KddpmError(f"{path} is damaged: its member {damaged} fails its checksum; {restore}.")
+    if "config.json" not in names:
+        raise KddpmError(f"{path} is a zip archive without config.json, not a saved Keras model; {restore}.")

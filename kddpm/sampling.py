@@ -147,12 +147,14 @@ def make_plan(
     clip_x0: bool = False,
 ) -> SamplingPlan:
     """The plan for ``sampler`` ('ddpm' over all T steps, or 'ddim' over ``steps``, default 50)."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise KddpmError(f"steps must be a positive integer (or None for the sampler's default), got {steps!r}.")
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):
             raise KddpmError(f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}.")
         return ddpm_plan(schedule, variance, clip_x0)
     if sampler == "ddim":
-        return ddim_plan(schedule, steps or 50, eta, clip_x0)
+        return ddim_plan(schedule, 50 if steps is None else steps, eta, clip_x0)
     raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
 
 
@@ -313,15 +315,3 @@ def to_uint8(images: np.ndarray | tf.Tensor) -> np.ndarray:
 def to_uint8_tensor(images: tf.Tensor) -> tf.Tensor:
     """The graph form of ``to_uint8``: [B, H, W, C] float32 in [-1, 1] -> uint8 tensor."""
     return tf.cast(tf.round((tf.clip_by_value(images, -1.0, 1.0) + 1.0) * 127.5), tf.uint8)
-
-
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-    """Tiles uint8 images [B, H, W, C] into one [rows*H, columns*W, C] image, row by row."""
-    count, height, width, channels = images.shape
-    columns = columns or math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    grid = np.zeros((rows * height, columns * width, channels), dtype=images.dtype)
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
-    return grid

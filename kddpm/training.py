@@ -14,14 +14,16 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
+from kddpm.grid import image_grid
 from kddpm.model import DiffusionModel
 from kddpm.presets import Preset
-from kddpm.sampling import image_grid, to_uint8
+from kddpm.sampling import to_uint8
 from kddpm.schedule import NoiseSchedule
 from kddpm.unet import build_unet
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 PRECISIONS = {"off": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+PRECISION_MODES = ("auto", *PRECISIONS)
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -68,16 +70,52 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def set_precision(mode: str) -> None:
-    """Keras' global dtype policy for ``mode`` ('off', 'bfloat16' or 'float16'); call before building.
+def native_bfloat16() -> tuple[bool, str]:
+    """Whether this machine computes bfloat16 natively, and why (for printing).
 
+    GPUs: compute capability 8.0 or more (Ampere and later), on every visible GPU. CPUs: the
+    avx512_bf16 or amx_bf16 flag (Linux' /proc/cpuinfo; other systems count as without).
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = [tf.config.experimental.get_device_details(gpu) for gpu in gpus]
+        capabilities = [tuple(detail.get("compute_capability", (0, 0))) for detail in details]
+        oldest = min(capabilities)
+        return oldest >= (8, 0), f"GPU compute capability {oldest[0]}.{oldest[1]}"
+    flags = _cpu_flags()
+    for flag in ("amx_bf16", "avx512_bf16"):
+        if flag in flags:
+            return True, f"the CPU has {flag}"
+    return False, "the CPU has no avx512_bf16 or amx_bf16"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def set_precision(mode: str) -> str:
+    """Sets Keras' global dtype policy for ``mode`` and returns a line saying which and why.
+
+    mode: 'off' (float32), 'bfloat16', 'float16', or 'auto': bfloat16 where the hardware
+    computes it natively (``native_bfloat16``), float32 otherwise. Call before building.
     Mixed precision computes the network in 16 bits with float32 weights; the output layer,
     the loss, the schedule and the sampler stay float32, and ``compile`` wraps the optimizer
     in a ``LossScaleOptimizer`` for float16.
     """
-    if mode not in PRECISIONS:
-        raise KddpmError(f"Unknown mixed precision {mode!r}; use one of {tuple(PRECISIONS)}.")
-    keras.mixed_precision.set_global_policy(PRECISIONS[mode])
+    if mode not in PRECISION_MODES:
+        raise KddpmError(f"Unknown mixed precision {mode!r}; use one of {PRECISION_MODES}.")
+    reason = f"--mixed-precision {mode}"
+    if mode == "auto":
+        native, why = native_bfloat16()
+        mode = "bfloat16" if native else "off"
+        reason = f"auto: {why}"
+    policy = PRECISIONS[mode]
+    keras.mixed_precision.set_global_policy(policy)
+    return f"{policy} ({reason})"
 
 
 def create_model(preset: Preset, seed: int = 0, schedule: NoiseSchedule | None = None) -> DiffusionModel:
@@ -97,19 +135,34 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 0) -> keras.optimiz
     return keras.optimizers.Adam(learning_rate)
 
 
-def write_grid(images: np.ndarray, path: str | Path) -> Path:
-    """Writes images [N, H, W, C] in [-1, 1] as one PNG grid; returns the path."""
+def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None) -> Path:
+    """Writes images [N, H, W, C] in [-1, 1] as one PNG grid (``kddpm.grid.image_grid``); returns the path.
+
+    scale: nearest-neighbour enlargement of each image (default: a grid at least 512 px wide;
+    1: raw pixels).
+    """
+    if scale is not None and scale < 1:
+        raise KddpmError(f"The grid scale must be a positive integer, got {scale}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keras.utils.save_img(path, image_grid(to_uint8(images)), scale=False)
+    keras.utils.save_img(path, image_grid(to_uint8(images), scale=scale), scale=False)
     return path
 
 
 class SampleGrid(keras.callbacks.Callback):
     """Draws a grid of samples from the EMA weights every ``every`` epochs."""
 
-    def __init__(self, directory: str | Path, every: int = 1, num_images: int = 64, seed: int = 0, **sample_kwargs):
+    def __init__(
+        self,
+        directory: str | Path,
+        every: int = 1,
+        num_images: int = 64,
+        seed: int = 0,
+        grid_scale: int | None = None,
+        **sample_kwargs,
+    ):
         super().__init__()
+        self.grid_scale = grid_scale
         self.directory = Path(directory)
         self.every = max(1, int(every))
         self.num_images = num_images
@@ -119,7 +172,7 @@ class SampleGrid(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
             images = self.model.sample(self.num_images, seed=self.seed, **self.sample_kwargs)
-            write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png")
+            write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png", self.grid_scale)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -155,6 +208,41 @@ class Throughput(keras.callbacks.Callback):
 
     def images_per_second(self) -> float:
         return self._counted * self.batch_size / self._elapsed if self._elapsed else float("nan")
+
+
+class TrainingClock(keras.callbacks.Callback):
+    """After every epoch, prints one line: the estimated whole training time and what is left.
+
+    The estimate is the time so far plus the remaining epochs at the last epoch's pace (which,
+    unlike the first, includes no tracing), so it holds on machines of any speed.
+    """
+
+    def __init__(self, epochs: int, print_fn=print):
+        super().__init__()
+        self.epochs = epochs
+        self.print_fn = print_fn
+        self._started: float | None = None
+        self._epoch_started = 0.0
+
+    def on_train_begin(self, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        last = now - self._epoch_started
+        left = (self.epochs - epoch - 1) * last
+        total = now - self._started + left
+        self.print_fn(
+            f"Time: epoch {epoch + 1}/{self.epochs} took {last:.0f} s; training about "
+            f"{_minutes(total)} in all, {_minutes(left)} left"
+        )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 class NonFiniteLossError(KddpmError):

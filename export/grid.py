@@ -1,0 +1,1 @@
+../kddpm/grid.py

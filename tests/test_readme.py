@@ -1,0 +1,98 @@
+"""What a new user runs, the way they run it: README snippets and a saved model, each in a fresh process."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+
+# Each README python block, keyed by a line it contains, with the substitutions that make it
+# tiny and the checks appended to it. A block without an entry fails the test, so a new
+# snippet is run too.
+SNIPPETS = {
+    'model.save("fmnist.keras")': {
+        "replace": [
+            ("batch_size=64", "batch_size=8"),
+            ("base_channels=32, channel_mults=(1, 2, 2)", "base_channels=8, channel_mults=(1, 2)"),
+            ("attention_resolutions=(7,)", "attention_resolutions=(14,)"),
+            ("norm_groups=8", "norm_groups=4"),
+            ("steps_per_epoch=200, epochs=13", "steps_per_epoch=2, epochs=1"),
+            ('model.sample(64, seed=0, sampler="ddim", steps=100)', 'model.sample(3, seed=0, sampler="ddim", steps=4)'),
+        ],
+        "check": "assert images.shape == (3, 28, 28, 1) and -1 <= images.min() and images.max() <= 1",
+    },
+    "strategy = make_strategy": {
+        "replace": [
+            ('PRESETS["small"]', 'PRESETS["tiny"]'),
+            ("batch_size=128, image_shape=(32, 32, 1)", "batch_size=8, image_shape=(28, 28, 1)"),
+            ("steps_per_epoch=500, epochs=100", "steps_per_epoch=2, epochs=1"),
+        ],
+        "check": "assert model.optimizer.iterations.numpy() == 2 and model.denoiser.compute_dtype == 'bfloat16'",
+    },
+}
+
+
+def python_blocks(text):
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def run_python(code, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
+
+
+@pytest.mark.slow
+def test_every_readme_python_block_runs_in_a_fresh_process(tmp_path):
+    blocks = python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2
+    for block in blocks:
+        keys = [key for key in SNIPPETS if key in block]
+        assert len(keys) == 1, f"README block without a test entry:\n{block}"
+        entry = SNIPPETS[keys[0]]
+        code = block
+        for old, new in entry["replace"]:
+            assert old in code, f"{old!r} is no longer in the README block; update the test's substitutions"
+            code = code.replace(old, new)
+        done = run_python(code + "\n" + entry["check"] + "\n", tmp_path)
+        assert done.returncode == 0, f"README block failed:\n{code}\n{done.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_a_model_saved_in_one_process_loads_in_another_after_import_kddpm(tmp_path):
+    save = textwrap.dedent(
+        """
+        import numpy as np, kddpm
+        denoiser = kddpm.build_unet((8, 8, 1), base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                                    attention_resolutions=(4,), dropout=0.1, norm_groups=4)
+        model = kddpm.DiffusionModel(denoiser, kddpm.NoiseSchedule.cosine(50), seed=0)
+        model.compile(optimizer="adam")
+        model.fit(np.zeros((8, 8, 8, 1), np.float32), batch_size=4, epochs=1, verbose=0)
+        model.save("m.keras")
+        np.save("expected.npy", model.sample(2, seed=1, sampler="ddim", steps=3))
+        """
+    )
+    assert run_python(save, tmp_path).returncode == 0
+    # What the README promises: nothing but `import kddpm` and Keras' own loader.
+    load = textwrap.dedent(
+        """
+        import keras, numpy as np
+        import kddpm
+        model = keras.models.load_model("m.keras")
+        assert type(model).__name__ == "DiffusionModel", type(model)
+        np.testing.assert_array_equal(model.sample(2, seed=1, sampler="ddim", steps=3), np.load("expected.npy"))
+        print("loaded", model.schedule)
+        """
+    )
+    done = run_python(load, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded NoiseSchedule(kind=cosine, timesteps=50" in done.stdout
+    # Without `import kddpm` Keras cannot know the class: the registration is what fixed it.
+    without = run_python("import keras\nkeras.models.load_model('m.keras')", tmp_path)
+    assert without.returncode != 0 and "DiffusionModel" in without.stderr
