@@ -16,12 +16,15 @@ import tensorflow as tf
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
-from kddpm.sampling import RNG_ALG, Sampler, make_plan, standard_normal
+from kddpm.sampling import Sampler, make_plan
 from kddpm.schedule import NoiseSchedule
+from kddpm.streams import example_integers, example_keys, example_normals, fold_in
 
 # Training images must lie in [-1, 1]; this bound only catches data that was never scaled
 # (0..255, or standardised with large outliers), leaving room for resampling overshoot.
 _MAX_ABS_PIXEL = 1.5
+_OUT_OF_RANGE = "Training images lie far outside [-1, 1]; scale them to [-1, 1] (x / 127.5 - 1 for 0..255 data)."
+_OUT_OF_RANGE_KEY = "data_out_of_range"
 
 
 @keras.saving.register_keras_serializable(package="kddpm")
@@ -36,9 +39,10 @@ class DiffusionModel(keras.Model):
         ema_warmup: use decay_n = min(ema_decay, (1 + n) / (10 + n)) at step n, so that a
             short run's EMA is not dominated by the initial weights.
         clip_grad_norm: clip the global gradient norm (over all replicas) to this; None: off.
-        seed: seed of the training noise. The noise of step n, example i of the global batch
-            is a function of (seed, n, i) alone, so a run is reproducible and the same on one
-            device or several replicas.
+        seed: seed of the training randomness. The timestep, noise and dropout masks of batch
+            n, example i of the global batch are a function of (seed, n, i) alone, so a run is
+            reproducible and the same on one device or several replicas and workers. (The
+            denoiser's initial weights are its own: ``build_unet(seed=...)``.)
         image_shape: (H, W, C); read from ``denoiser.inputs`` when it is a functional model.
     """
 
@@ -65,6 +69,12 @@ class DiffusionModel(keras.Model):
         self.image_shape = _image_shape_of(denoiser, image_shape)
         self.ema_denoiser = _copy_network(denoiser, self.image_shape)
         self.ema_denoiser.trainable = False
+        # Data batches trained on (skipped float16 steps included): keys the training noise and
+        # says where a resumed run's data stream continues. optimizer.iterations is not it: a
+        # loss-scaling optimizer does not count the steps it skips.
+        self.batches_seen = keras.Variable(
+            0, dtype="int64", trainable=False, aggregation="only_first_replica", name="batches_seen"
+        )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._sampler: Sampler | None = None
         self.built = True
@@ -72,12 +82,26 @@ class DiffusionModel(keras.Model):
     # --- Keras plumbing --------------------------------------------------------------------
 
     def call(self, inputs, training=False):
-        """eps_theta([x_t, t]) with the trained (not EMA) weights."""
-        return self.denoiser(inputs, training=training)
+        """eps_theta([x_t, t]) with the trained (not EMA) weights; t must lie in [0, T)."""
+        x_t, t = inputs
+        if not isinstance(t, keras.KerasTensor):  # symbolic calls carry no values to check
+            t = self.schedule.checked_timesteps(t)
+        return self.denoiser([x_t, t], training=training)
 
     def compile(self, optimizer="adam", **kwargs: Any) -> None:
         """Keras' compile; the loss is L_simple, so only the optimizer (and options) are taken."""
         super().compile(optimizer=optimizer, **kwargs)
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        if (inner.gradient_accumulation_steps or 1) > 1:
+            raise KddpmError(
+                f"gradient_accumulation_steps={inner.gradient_accumulation_steps} is not supported: its micro-"
+                "batches would share one step's noise and the clip and EMA would act per micro-batch. Use a larger "
+                "global batch (--batch-size) spread over more replicas or workers instead."
+            )
+        if self.clip_grad_norm:
+            # The train step all-reduces the gradient itself, to clip the global gradient's
+            # norm; the optimizer must not sum the already-summed gradient over replicas again.
+            inner._all_reduce_sum_gradients = _already_all_reduced
         # Built now rather than inside the first traced step, so that a step that fails on bad
         # data leaves nothing half-created and the next fit starts cleanly.
         self.optimizer.build(self.denoiser.trainable_variables)
@@ -116,63 +140,100 @@ class DiffusionModel(keras.Model):
 
     def train_step(self, data):
         images = self._images(data)
-        t, noise = self._draw_t_and_noise(images, self._training_key())
-        x_t = self.schedule.q_sample(images, t, noise)
+        key = self._training_key()
+        first = self._first_example(images)
+        t, noise = self._draw_t_and_noise(images, key, first)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        with tf.GradientTape() as tape:
-            eps = tf.cast(self.denoiser([x_t, t], training=True), tf.float32)
-            loss = tf.reduce_mean(tf.square(noise - eps))
-            # Gradients are summed over replicas: dividing each replica's mean by their
-            # number makes the sum the gradient of the global-batch mean.
-            scaled_loss = self.optimizer.scale_loss(loss / replicas)
-        variables = self.denoiser.trainable_variables
-        gradients = tape.gradient(scaled_loss, variables)
-        if self.clip_grad_norm:
-            gradients = self._clip_global_norm(gradients, replicas)
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        self._update_ema()
+        in_range = tf.reduce_max(tf.abs(images)) <= _MAX_ABS_PIXEL
+
+        def update():
+            x_t = self.schedule.q_sample(images, t, noise)
+            with tf.GradientTape() as tape, example_keys(fold_in(key, 3), first):
+                eps = tf.cast(self.denoiser([x_t, t], training=True), tf.float32)
+                loss = tf.reduce_mean(tf.square(noise - eps))
+                # Gradients are summed over replicas: dividing each replica's mean by their
+                # number makes the sum the gradient of the global-batch mean.
+                scaled_loss = self.optimizer.scale_loss(loss / replicas)
+            variables = self.denoiser.trainable_variables
+            gradients = tape.gradient(scaled_loss, variables)
+            if self.clip_grad_norm:
+                gradients = self._clip_global_norm(gradients, replicas)
+            self.optimizer.apply_gradients(zip(gradients, variables))
+            self._update_ema()
+            self.batches_seen.assign_add(1)
+            return loss
+
+        if not tf.distribute.has_strategy():
+            # A cond rather than an assert: XLA compiles asserts to nothing, and Keras turns
+            # XLA on for one GPU. Out-of-range data skips the update; the train function raises.
+            loss = tf.cond(in_range, update, lambda: tf.constant(np.nan, tf.float32))
+        else:
+            # A merge_call (optimizer, EMA) cannot sit in a cond branch; the assert holds
+            # without XLA, which Keras leaves off under strategies.
+            check = tf.debugging.Assert(in_range, [_OUT_OF_RANGE])
+            with tf.control_dependencies([check]):
+                loss = update()
         self.loss_tracker.update_state(loss)
-        return {"loss": _reportable(self.loss_tracker.result())}
+        return {
+            "loss": _reportable(self.loss_tracker.result()),
+            _OUT_OF_RANGE_KEY: _reportable(1.0 - tf.cast(in_range, tf.float32)),
+        }
+
+    def make_train_function(self, force=False):
+        """Keras' train function, raising KddpmError after a step that saw out-of-range data."""
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        step = self.train_function
+
+        def checked(iterator):
+            try:
+                logs = dict(step(iterator))
+            except tf.errors.InvalidArgumentError as error:
+                if _OUT_OF_RANGE in str(error):
+                    raise KddpmError(_OUT_OF_RANGE) from None
+                raise
+            if float(tf.reduce_max(logs.pop(_OUT_OF_RANGE_KEY))) > 0:
+                raise KddpmError(_OUT_OF_RANGE)
+            return logs
+
+        self.train_function = checked
+        return checked
 
     def test_step(self, data):
         """L_simple on validation data, with noise that depends only on the batch's content."""
         images = self._images(data)
         fingerprint = tf.cast(tf.reduce_sum(tf.abs(images)) * 1024.0, tf.int64)
         key = tf.stack([tf.constant(self.seed ^ 0x5EED, tf.int64), fingerprint])
-        t, noise = self._draw_t_and_noise(images, key)
+        t, noise = self._draw_t_and_noise(images, key, self._first_example(images))
         x_t = self.schedule.q_sample(images, t, noise)
         eps = tf.cast(self.denoiser([x_t, t], training=False), tf.float32)
         self.loss_tracker.update_state(tf.reduce_mean(tf.square(noise - eps)))
         return {"loss": _reportable(self.loss_tracker.result())}
 
     def _training_key(self) -> tf.Tensor:
-        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.optimizer.iterations, tf.int64)])
+        """The [2] int64 key of the current batch: (seed, batches trained on so far)."""
+        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.batches_seen, tf.int64)])
 
-    def _draw_t_and_noise(self, images: tf.Tensor, key: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """t ~ U{0..T-1} and eps ~ N(0, I) for this replica's slice of the global batch.
-
-        The draws are made for the whole global batch from ``key`` and sliced, so example i
-        of the global batch gets the same t and eps whatever the number of replicas.
-        """
+    @staticmethod
+    def _first_example(images: tf.Tensor) -> tf.Tensor:
+        """The global-batch position of this replica's first example (replicas hold contiguous slices)."""
         context = tf.distribute.get_replica_context()
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         replica = context.replica_id_in_sync_group if context is not None else 0
+        return tf.cast(replica, tf.int32) * tf.shape(images)[0]
+
+    def _draw_t_and_noise(
+        self, images: tf.Tensor, key: tf.Tensor, first: tf.Tensor | int = 0
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """t ~ U{0..T-1} and eps ~ N(0, I) for this replica's examples [first, first + B).
+
+        Example i of the global batch gets the draws of position i of the key's streams,
+        whatever the number of replicas; each replica draws its own examples only.
+        """
         local = tf.shape(images)[0]
-        global_batch = local * replicas
-        begin = tf.cast(replica, tf.int32) * local
-        t = tf.random.stateless_uniform(
-            [global_batch],
-            seed=tf.random.experimental.stateless_fold_in(key, 1, alg=RNG_ALG),
-            minval=0,
-            maxval=self.schedule.timesteps,
-            dtype=tf.int32,
-            alg=RNG_ALG,
-        )
-        noise = standard_normal(
-            tf.concat([[global_batch], tf.shape(images)[1:]], 0),
-            tf.random.experimental.stateless_fold_in(key, 2, alg=RNG_ALG),
-        )
-        return t[begin : begin + local], noise[begin : begin + local]
+        t = example_integers(fold_in(key, 1), first, local, self.schedule.timesteps)
+        noise = example_normals(fold_in(key, 2), first, local, self.image_shape)
+        return t, noise
 
     def _images(self, data) -> tf.Tensor:
         """The image batch of ``data`` (images, or (images, labels)), checked against the network."""
@@ -190,13 +251,7 @@ class DiffusionModel(keras.Model):
                 f"[B, {', '.join(map(str, self.image_shape))}]; resize or pad the data "
                 "(kddpm.load_dataset(..., image_size=...)) or build the network for this shape."
             )
-        check = tf.debugging.assert_less_equal(
-            tf.reduce_max(tf.abs(images)),
-            _MAX_ABS_PIXEL,
-            message="Training images lie far outside [-1, 1]; scale them to [-1, 1] (x / 127.5 - 1 for 0..255 data).",
-        )
-        with tf.control_dependencies([check]):
-            return tf.identity(images)
+        return images
 
     def _clip_global_norm(self, gradients, replicas: int):
         """Clips by the norm of the global-batch gradient, not of each replica's share."""
@@ -204,10 +259,9 @@ class DiffusionModel(keras.Model):
         threshold = self.clip_grad_norm * tf.cast(getattr(self.optimizer, "dynamic_scale", 1.0), tf.float32)
         context = tf.distribute.get_replica_context()
         if replicas > 1 and context is not None:
+            # The step's one all-reduce: every replica now holds the global gradient, and
+            # the optimizer applies it as it is (see compile).
             gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-            gradients, _ = tf.clip_by_global_norm(gradients, threshold)
-            # The optimizer sums over replicas again; every replica now holds the full sum.
-            return [g / replicas for g in gradients]
         return tf.clip_by_global_norm(gradients, threshold)[0]
 
     # --- EMA -------------------------------------------------------------------------------
@@ -243,33 +297,54 @@ class DiffusionModel(keras.Model):
 
     def sample(
         self,
-        num_images: int,
+        num_images: int | None = None,
         seed: int = 0,
         sampler: str = "ddpm",
         steps: int | None = None,
-        eta: float = 0.0,
-        variance: str = "beta_tilde",
+        eta: float | None = None,
+        variance: str | None = None,
         clip_x0: bool = False,
         use_ema: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
         jit_compile: bool | str = "auto",
+        x_T: np.ndarray | None = None,
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
-        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``: 'beta_tilde' or
-        'beta') or 'ddim' (``steps`` steps, default 50, stochasticity ``eta``). clip_x0:
-        clip the predicted x0 to [-1, 1] at every step. use_ema: sample with the EMA weights
-        (the default, as the paper does). batch_size: images per graph call (default: all).
-        jit_compile: XLA on or off, or "auto" (see ``Sampler``). The same seed gives the same images.
+        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``: 'beta_tilde', the
+        default, or 'beta') or 'ddim' (``steps`` steps, default 50, stochasticity ``eta``,
+        default 0). An option that does not apply to the sampler is an error. clip_x0: clip
+        the predicted x0 to [-1, 1] at every step. use_ema: sample with the EMA weights (the
+        default, as the paper does). batch_size: images per graph call (default: all); image
+        i of a seed is the same whatever the batch size. jit_compile: XLA on or off, or
+        "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
+        the seed's (the per-step noise still comes from the seed). The same seed gives the
+        same images.
         """
         plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
+        if x_T is not None:
+            x_T = np.asarray(x_T, np.float32)
+            if x_T.ndim != 4 or x_T.shape[1:] != self.image_shape or len(x_T) == 0:
+                raise KddpmError(
+                    f"x_T has shape {x_T.shape}; expected [N, {', '.join(map(str, self.image_shape))}] with N >= 1."
+                )
+            if num_images not in (None, len(x_T)):
+                raise KddpmError(f"num_images={num_images} but x_T holds {len(x_T)} images; give one or the other.")
+            num_images = len(x_T)
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+        ):
+            raise KddpmError(f"batch_size must be a positive integer (or None for all at once), got {batch_size!r}.")
         runner = self._get_sampler(use_ema, jit_compile)
         batch_size = batch_size or num_images
         batches = []
-        for index, start in enumerate(range(0, num_images, batch_size)):
+        for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
-            images = runner.sample(plan, count, seed=seed + index * 1_000_003, progress=progress)
+            initial = None if x_T is None else x_T[start : start + count]
+            images = runner.sample(plan, count, seed=seed, x_T=initial, progress=progress, first_image=start)
             batches.append(np.clip(images.numpy(), -1.0, 1.0))
         return np.concatenate(batches, axis=0)
 
@@ -292,6 +367,11 @@ def _reportable(loss: tf.Tensor) -> tf.Tensor:
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
         return tf.reshape(loss, [1])
     return loss
+
+
+def _already_all_reduced(grads_and_vars):
+    """Stands in for the optimizer's all-reduce when the train step has done it."""
+    return list(grads_and_vars)
 
 
 def _moving_average(average: tf.Variable, value: tf.Tensor, decay: tf.Tensor):

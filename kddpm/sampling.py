@@ -25,11 +25,9 @@ import tensorflow as tf
 
 from kddpm.errors import KddpmError
 from kddpm.schedule import NoiseSchedule
+from kddpm.streams import example_normals, fold_in, seed_pair
 
 SAMPLERS = ("ddpm", "ddim")
-# Every stateless draw names its algorithm: "auto_select" picks another one under XLA, which
-# would make the same seed give other noise with jit_compile or on another device.
-RNG_ALG = "philox"
 # On CPU, XLA's compiled loop beats TensorFlow's oneDNN kernels only at small batches. Per
 # reverse step of the 64-channel (1, 2, 2) U-Net at 32x32x1 on 2 cores, XLA vs plain graph:
 # 12.0 vs 15.7 ms at batch 1, 38 vs 44 at 4, 70 vs 72 at 8, 143 vs 133 at 16, 294 vs 264 at 32
@@ -142,60 +140,48 @@ def make_plan(
     schedule: NoiseSchedule,
     sampler: str = "ddpm",
     steps: int | None = None,
-    eta: float = 0.0,
-    variance: str = "beta_tilde",
+    eta: float | None = None,
+    variance: str | None = None,
     clip_x0: bool = False,
 ) -> SamplingPlan:
-    """The plan for ``sampler`` ('ddpm' over all T steps, or 'ddim' over ``steps``, default 50)."""
+    """The plan for ``sampler``: 'ddpm' over all T steps (``variance``, default 'beta_tilde'),
+    or 'ddim' over ``steps`` (default 50) with ``eta`` (default 0). An option the sampler does
+    not take is an error rather than silently ignored."""
+    if sampler not in SAMPLERS:
+        raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
         raise KddpmError(f"steps must be a positive integer (or None for the sampler's default), got {steps!r}.")
+    if eta is not None and not (isinstance(eta, (int, float, np.number)) and math.isfinite(eta) and eta >= 0):
+        raise KddpmError(f"eta must be a finite number >= 0, got {eta!r}.")
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):
             raise KddpmError(f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}.")
-        return ddpm_plan(schedule, variance, clip_x0)
-    if sampler == "ddim":
-        return ddim_plan(schedule, 50 if steps is None else steps, eta, clip_x0)
-    raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+        if eta is not None:
+            raise KddpmError("eta is DDIM's option; DDPM's noise is set by variance ('beta_tilde' or 'beta').")
+        return ddpm_plan(schedule, variance or "beta_tilde", clip_x0)
+    if variance is not None:
+        raise KddpmError("variance is DDPM's option; DDIM's noise is set by eta (0: deterministic, 1: DDPM-like).")
+    return ddim_plan(schedule, 50 if steps is None else int(steps), 0.0 if eta is None else float(eta), clip_x0)
 
 
-def seed_pair(seed: int | tf.Tensor) -> tf.Tensor:
-    """A user's integer seed (a Python int or an int64 scalar tensor) as the [2] int64 key
-    that stateless random ops take."""
-    seed = tf.convert_to_tensor(seed, tf.int64)
-    return tf.stack([tf.bitwise.bitwise_and(seed, 0x7FFFFFFF), tf.bitwise.right_shift(seed, 31)])
+def initial_noise(key: tf.Tensor, first: int | tf.Tensor, count: int | tf.Tensor, image_shape) -> tf.Tensor:
+    """x_T ~ N(0, I) for images [first, first + count) of ``key``: [count, H, W, C] float32."""
+    return example_normals(fold_in(key, 0), first, count, image_shape)
 
 
-def standard_normal(shape: tf.Tensor | list[int], key: tf.Tensor) -> tf.Tensor:
-    """N(0, 1) float32 draws of ``shape``, a function of the [2] int64 ``key`` alone.
-
-    Box-Muller on Philox's 32-bit integers. ``tf.random.stateless_normal`` turns the same
-    Philox bits into other floats under XLA than in a plain graph; the integers agree, so
-    going through them gives a seed the same noise with and without ``jit_compile`` (to
-    float rounding of log, sqrt and cos).
-    """
-    shape = tf.cast(shape, tf.int32)
-    bits = tf.random.stateless_uniform(
-        tf.concat([[2], shape], axis=0), seed=key, minval=None, maxval=None, dtype=tf.uint32, alg=RNG_ALG
-    )
-    # The top 24 bits, centred in their interval: uniform on (0, 1), never 0, so log is finite
-    # and |z| <= sqrt(2 * 25 * ln 2) = 5.9.
-    uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * 2.0**-24
-    radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
-    return radius * tf.cos(2.0 * math.pi * uniform[1])
-
-
-def initial_noise(key: tf.Tensor, num_images: int | tf.Tensor, image_shape: tuple[int, int, int]) -> tf.Tensor:
-    """x_T ~ N(0, I): [num_images, H, W, C] float32, a function of the key alone."""
-    shape = tf.concat([tf.reshape(tf.cast(num_images, tf.int32), [1]), image_shape], axis=0)
-    return standard_normal(shape, tf.random.experimental.stateless_fold_in(key, 0, alg=RNG_ALG))
+def step_noise(key: tf.Tensor, step: int | tf.Tensor, first, count, image_shape) -> tf.Tensor:
+    """z ~ N(0, I) of plan step ``step`` for images [first, first + count): [count, H, W, C]."""
+    return example_normals(fold_in(key, step + 1), first, count, image_shape)
 
 
 class Sampler:
     """Runs a ``SamplingPlan`` with an eps-network ``[x_t, t] -> eps`` in one compiled loop.
 
-    Noise is a function of the seed alone: x_T from ``fold_in(seed, 0)`` and the noise of
-    loop step k from ``fold_in(seed, k + 1)``, so the same seed gives the same images.
-    Explicit ``x_T`` and per-step ``noise`` can be given instead (to compare implementations).
+    Noise is a function of the seed and the image's index alone: image i's x_T is example i of
+    the stream ``fold_in(seed, 0)`` and its noise at plan step k example i of ``fold_in(seed,
+    k + 1)`` (``kddpm.streams``). So the same seed gives the same images, and image i is the
+    same whatever batch it is drawn in (``first_image`` says where a batch starts). Explicit
+    ``x_T`` and per-step ``noise`` can be given instead (to compare implementations).
 
     jit_compile: True or False, or "auto": XLA on a GPU, and on CPU for batches of at most
     ``XLA_CPU_MAX_BATCH`` images, where it is faster. The noise does not depend on it, so
@@ -225,20 +211,23 @@ class Sampler:
         noise: np.ndarray | tf.Tensor | None = None,
         progress: bool = False,
         chunks: int = 50,
+        first_image: int = 0,
     ) -> tf.Tensor:
         """Runs the reverse process and returns x_0: [B, H, W, C] float32 (not clipped).
 
         num_images: B, when ``x_T`` is not given. x_T: [B, H, W, C] initial noise.
         noise: [S, B, H, W, C] per-step noise, S = plan.num_steps. progress: show a Keras
         progress bar, running the loop in about ``chunks`` graph calls instead of one.
+        first_image: the seed's image index of this batch's first image (images
+        first_image .. first_image + B - 1 of the seed are drawn).
         """
         key = seed_pair(seed)
         if x_T is None:
-            if not num_images or num_images < 1:
-                raise KddpmError(f"num_images must be a positive integer, got {num_images}.")
-            x_T = initial_noise(key, num_images, self.image_shape)
+            if not isinstance(num_images, (int, np.integer)) or num_images < 1:
+                raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
+            x_T = initial_noise(key, first_image, num_images, self.image_shape)
         x = tf.convert_to_tensor(x_T, tf.float32)
-        if tuple(x.shape[1:]) != self.image_shape:
+        if x.shape.rank != 4 or tuple(x.shape[1:]) != self.image_shape or x.shape[0] == 0:
             raise KddpmError(f"x_T has shape {tuple(x.shape)}; expected [B, {', '.join(map(str, self.image_shape))}].")
         if noise is not None:
             noise = tf.convert_to_tensor(noise, tf.float32)
@@ -247,14 +236,15 @@ class Sampler:
         loop = self._function(plan.clip_x0, noise is not None, self.uses_xla(int(x.shape[0])))
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
+        first = tf.constant(first_image, tf.int32)
         extra = () if noise is None else (noise,)
         steps = plan.num_steps
         if not progress:
-            return loop(x, key, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
+            return loop(x, key, first, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
         bar = keras.utils.Progbar(steps, unit_name="step")
         bounds = np.unique(np.linspace(0, steps, min(chunks, steps) + 1).round().astype(np.int32))
         for start, stop in itertools.pairwise(bounds):
-            x = loop(x, key, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra)
+            x = loop(x, key, first, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra)
             bar.update(int(stop))
         return x
 
@@ -264,6 +254,7 @@ class Sampler:
             signature = [
                 tf.TensorSpec([None, *self.image_shape], tf.float32),
                 tf.TensorSpec([2], tf.int64),
+                tf.TensorSpec([], tf.int32),
                 tf.TensorSpec([None], tf.int32),
                 tf.TensorSpec([None, 6], tf.float32),
                 tf.TensorSpec([], tf.int32),
@@ -280,11 +271,13 @@ class Sampler:
 
     def loop(self, clip_x0: bool, explicit_noise: bool):
         """The reverse loop as a plain Python function of tensors, for use inside any graph:
-        ``loop(x, key, timesteps, coefficients, start, stop[, noise]) -> x`` runs plan steps
-        [start, stop) from x; timesteps [S] int32, coefficients [S, 6] float32."""
+        ``loop(x, key, first, timesteps, coefficients, start, stop[, noise]) -> x`` runs plan
+        steps [start, stop) from x, images first .. first + B - 1 of the key's streams;
+        timesteps [S] int32, coefficients [S, 6] float32."""
         network = self.network
+        image_shape = self.image_shape
 
-        def loop(x, key, timesteps, coefficients, start, stop, noise=None):
+        def loop(x, key, first, timesteps, coefficients, start, stop, noise=None):
             batch = tf.shape(x)[0]
 
             def step(k, x):
@@ -295,10 +288,7 @@ class Sampler:
                 if clip_x0:
                     x0_hat = tf.clip_by_value(x0_from_xt * x - x0_from_eps * eps, -1.0, 1.0)
                     x_prev += coef_x0 * x0_hat
-                if explicit_noise:
-                    z = noise[k]
-                else:
-                    z = standard_normal(tf.shape(x), tf.random.experimental.stateless_fold_in(key, k + 1, alg=RNG_ALG))
+                z = noise[k] if explicit_noise else step_noise(key, k, first, batch, image_shape)
                 return k + 1, x_prev + sigma * z
 
             _, x = tf.while_loop(lambda k, _: k < stop, step, (start, x), parallel_iterations=1)

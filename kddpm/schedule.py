@@ -81,9 +81,36 @@ class NoiseSchedule:
         """The table ``name`` as a float32 constant [T] (a graph constant inside a tf.function)."""
         return tf.constant(getattr(self, name), dtype=tf.float32)
 
+    def checked_timesteps(self, t) -> tf.Tensor:
+        """``t`` as int32, after checking that every value lies in [0, T).
+
+        Eager values (numpy, Python, eager tensors) raise KddpmError here; in a graph the
+        check is an assert. It matters because ``tf.gather`` does not check on every device:
+        on GPUs it returns 0 and under XLA it clamps, silently using the wrong timestep.
+        """
+        dtype = t.dtype if tf.is_tensor(t) else tf.as_dtype(np.asarray(t).dtype)
+        if not dtype.is_integer:
+            raise KddpmError(f"t must be integer timesteps in [0, {self.timesteps}), got {dtype.name}.")
+        if not tf.is_tensor(t) or tf.executing_eagerly():
+            values = np.asarray(t)
+            if values.size and (values.min() < 0 or values.max() >= self.timesteps):
+                raise KddpmError(
+                    f"t must lie in [0, {self.timesteps}) (index i is the paper's t = i + 1), "
+                    f"got values from {values.min()} to {values.max()}."
+                )
+            return tf.convert_to_tensor(values, tf.int32)
+        t = tf.cast(t, tf.int32)
+        message = f"t must lie in [0, {self.timesteps}) (index i is the paper's t = i + 1)"
+        checks = [
+            tf.debugging.assert_greater_equal(t, 0, message=message),
+            tf.debugging.assert_less(t, self.timesteps, message=message),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(t)
+
     def _extract(self, name: str, t: tf.Tensor, ndim: int) -> tf.Tensor:
         """Gathers ``name[t]`` and reshapes it to [B, 1, ..., 1] to broadcast over an image batch."""
-        values = tf.gather(self.tensor(name), tf.cast(t, tf.int32))
+        values = tf.gather(self.tensor(name), self.checked_timesteps(t))
         return tf.reshape(values, [-1] + [1] * (ndim - 1))
 
     # --- The forward process and its posterior -------------------------------------------

@@ -119,20 +119,32 @@ def set_precision(mode: str) -> str:
 
 
 def create_model(preset: Preset, seed: int = 0, schedule: NoiseSchedule | None = None) -> DiffusionModel:
-    """A new DiffusionModel with the preset's U-Net; the same seed gives the same initial weights."""
-    keras.utils.set_random_seed(seed)
-    denoiser = build_unet(**preset.unet_kwargs())
-    return DiffusionModel(denoiser, schedule or NoiseSchedule.linear(), ema_decay=preset.ema_decay, seed=seed)
+    """A new DiffusionModel with the preset's U-Net and EMA settings.
+
+    The seed gives the initial weights, the training noise and the dropout masks: the same
+    seed, the same run, without ``keras.utils.set_random_seed``.
+    """
+    denoiser = build_unet(**preset.unet_kwargs(), seed=seed)
+    return DiffusionModel(
+        denoiser,
+        schedule or NoiseSchedule.linear(),
+        ema_decay=preset.ema_decay,
+        ema_warmup=preset.ema_warmup,
+        seed=seed,
+    )
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int = 0) -> keras.optimizers.Optimizer:
-    """Adam with a linear learning-rate warm-up, as in the paper (gradient clipping is the model's)."""
+def make_optimizer(learning_rate: float, warmup_steps: int = 0, epsilon: float = 1e-8) -> keras.optimizers.Optimizer:
+    """Adam with a linear learning-rate warm-up, as in the paper (gradient clipping is the model's).
+
+    epsilon: 1e-8, the original code's (TensorFlow 1's Adam default; Keras' is 1e-7).
+    """
     if warmup_steps > 0:
         # alpha=1 keeps the rate constant at the target once the warm-up is over.
         learning_rate = keras.optimizers.schedules.CosineDecay(
             0.0, decay_steps=1, alpha=1.0, warmup_target=learning_rate, warmup_steps=warmup_steps
         )
-    return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.Adam(learning_rate, epsilon=epsilon)
 
 
 def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
+from kddpm.streams import current_example_keys, example_uniforms, fold_in
 
 
 @keras.saving.register_keras_serializable(package="kddpm")
@@ -48,6 +49,36 @@ class SinusoidalEmbedding(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package="kddpm")
+class ExampleDropout(keras.layers.Dropout):
+    """Dropout whose mask for each example is keyed by the example's place in the global batch.
+
+    Inside ``kddpm.streams.example_keys(key, first)`` (DiffusionModel's train step sets it),
+    row j's mask is drawn from ``fold_in(key, stream)`` at position ``first + j``: each
+    example of the global batch gets its own mask, the same on one device, N replicas or N
+    workers, and a function of (seed, step, position) so that resuming repeats it. Outside
+    that context it is Keras' Dropout.
+
+    stream: this layer's number within the network, so that layers draw different masks.
+    """
+
+    def __init__(self, rate: float, stream: int = 0, **kwargs):
+        super().__init__(rate, **kwargs)
+        self.stream = int(stream)
+
+    def call(self, inputs, training=False):
+        keys = current_example_keys()
+        if not training or self.rate == 0 or keys is None:
+            return super().call(inputs, training=training)
+        key, first = keys
+        uniform = example_uniforms(fold_in(key, self.stream), first, tf.shape(inputs)[0], inputs.shape[1:])
+        keep = tf.cast(uniform >= self.rate, inputs.dtype)
+        return inputs * keep / tf.cast(1.0 - self.rate, inputs.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "stream": self.stream}
 
 
 @keras.saving.register_keras_serializable(package="kddpm")
@@ -102,6 +133,7 @@ def build_unet(
     dropout: float = 0.1,
     norm_groups: int = 32,
     name: str = "unet",
+    seed: int | None = None,
 ) -> keras.Model:
     """The paper's noise-prediction network eps_theta(x_t, t).
 
@@ -113,12 +145,19 @@ def build_unet(
         attention_resolutions: feature-map heights at which self-attention blocks are added.
         dropout: dropout rate inside the residual blocks (the paper: 0.1 on CIFAR-10).
         norm_groups: GroupNorm groups (the paper: 32); must divide every level's channels.
+        seed: an int makes the initial weights a function of it alone; None draws them from
+            Keras' global generator (``keras.utils.set_random_seed``), as any Keras layer does.
 
     Returns:
         A functional ``keras.Model`` with inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B]
         int32 in [0, T), and output ``eps`` [B, H, W, C] float32.
     """
-    height, width, channels = (int(d) for d in image_shape)
+    try:
+        height, width, channels = (int(d) for d in image_shape)
+    except (TypeError, ValueError):
+        raise KddpmError(f"image_shape must be (height, width, channels), got {image_shape!r}.") from None
+    if min(height, width, channels) < 1:
+        raise KddpmError(f"image_shape must be positive sizes, got {tuple(image_shape)}.")
     levels = len(channel_mults)
     if levels < 1 or num_res_blocks < 1 or base_channels < 1:
         raise KddpmError("channel_mults must be non-empty, num_res_blocks and base_channels positive.")
@@ -136,19 +175,27 @@ def build_unet(
                 "choose base_channels and norm_groups so that every level's channels are a multiple."
             )
 
+    sizes = [height // 2**level for level in range(levels)]
+    unmatched = sorted(set(attention_resolutions) - set(sizes))
+    if unmatched:
+        raise KddpmError(
+            f"attention_resolutions {tuple(attention_resolutions)}: {unmatched} match no feature-map height of "
+            f"this U-Net ({sizes} for {height}x{width} images); use heights from that list, or () for none."
+        )
+
     x_t = keras.Input(shape=(height, width, channels), dtype="float32", name="x_t")
     t = keras.Input(shape=(), dtype="int32", name="t")
 
+    block = _Blocks(dropout, norm_groups, seed)
     time_channels = 4 * base_channels
     temb = SinusoidalEmbedding(base_channels, name="time_sinusoidal")(t)
-    temb = keras.layers.Dense(time_channels, name="time_dense_0")(temb)
+    temb = block.dense(time_channels, name="time_dense_0")(temb)
     temb = keras.layers.Activation("silu")(temb)
-    temb = keras.layers.Dense(time_channels, name="time_dense_1")(temb)
+    temb = block.dense(time_channels, name="time_dense_1")(temb)
     # Every residual block reads swish(temb); computing it once changes nothing in the maths.
     temb = keras.layers.Activation("silu", name="time_embedding")(temb)
 
-    block = _Blocks(dropout, norm_groups)
-    h = keras.layers.Conv2D(base_channels, 3, padding="same", name="conv_in")(x_t)
+    h = block.conv(base_channels, 3, padding="same", name="conv_in")(x_t)
     skips = [h]
     for level, mult in enumerate(channel_mults):
         for _ in range(num_res_blocks):
@@ -157,7 +204,7 @@ def build_unet(
                 h = block.attention(h)
             skips.append(h)
         if level != levels - 1:
-            h = keras.layers.Conv2D(h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}")(h)
+            h = block.conv(h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}")(h)
             skips.append(h)
 
     h = block.res(h, temb, h.shape[-1])
@@ -172,20 +219,38 @@ def build_unet(
                 h = block.attention(h)
         if level != 0:
             h = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"up_{level}")(h)
-            h = keras.layers.Conv2D(h.shape[-1], 3, padding="same", name=f"up_{level}_conv")(h)
+            h = block.conv(h.shape[-1], 3, padding="same", name=f"up_{level}_conv")(h)
 
     h = GroupNorm(norm_groups, name="norm_out")(h)
     h = keras.layers.Activation("silu")(h)
-    eps = keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps")(h)
+    eps = block.conv(channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps")(h)
     return keras.Model(inputs=[x_t, t], outputs=eps, name=name)
 
 
 class _Blocks:
     """Builders for the U-Net's repeated blocks; they only wire built-in layers together."""
 
-    def __init__(self, dropout: float, norm_groups: int):
+    def __init__(self, dropout: float, norm_groups: int, seed: int | None = None):
         self.dropout = dropout
         self.norm_groups = norm_groups
+        self.seed = seed
+        self._layers_seeded = 0
+        self._dropout_layers = 0
+
+    def _next_seed(self) -> int | None:
+        """A distinct seed per layer, derived from the network's seed (None: Keras' global one)."""
+        if self.seed is None:
+            return None
+        self._layers_seeded += 1
+        return self.seed * 100_003 + self._layers_seeded
+
+    def conv(self, filters: int, kernel_size: int, **kwargs) -> keras.layers.Conv2D:
+        kwargs.setdefault("kernel_initializer", keras.initializers.GlorotUniform(seed=self._next_seed()))
+        return keras.layers.Conv2D(filters, kernel_size, **kwargs)
+
+    def dense(self, units: int, **kwargs) -> keras.layers.Dense:
+        kwargs.setdefault("kernel_initializer", keras.initializers.GlorotUniform(seed=self._next_seed()))
+        return keras.layers.Dense(units, **kwargs)
 
     def _norm(self, h):
         return GroupNorm(self.norm_groups)(h)
@@ -193,16 +258,17 @@ class _Blocks:
     def res(self, x, temb, out_channels: int):
         """GroupNorm -> swish -> conv3x3, + dense(temb), GroupNorm -> swish -> dropout -> conv3x3."""
         h = keras.layers.Activation("silu")(self._norm(x))
-        h = keras.layers.Conv2D(out_channels, 3, padding="same")(h)
-        time = keras.layers.Dense(out_channels)(temb)
+        h = self.conv(out_channels, 3, padding="same")(h)
+        time = self.dense(out_channels)(temb)
         h = keras.layers.Add()([h, keras.layers.Reshape((1, 1, out_channels))(time)])
         h = keras.layers.Activation("silu")(self._norm(h))
         if self.dropout:
-            h = keras.layers.Dropout(self.dropout)(h)
+            self._dropout_layers += 1
+            h = ExampleDropout(self.dropout, stream=self._dropout_layers, seed=self._next_seed())(h)
         # The residual branch starts at zero so that each block begins as the identity.
-        h = keras.layers.Conv2D(out_channels, 3, padding="same", kernel_initializer="zeros")(h)
+        h = self.conv(out_channels, 3, padding="same", kernel_initializer="zeros")(h)
         if x.shape[-1] != out_channels:
-            x = keras.layers.Conv2D(out_channels, 1)(x)
+            x = self.conv(out_channels, 1)(x)
         return keras.layers.Add()([x, h])
 
     def attention(self, x):
@@ -213,11 +279,13 @@ class _Blocks:
         """
         height, width, channels = x.shape[1:]
         h = keras.layers.Reshape((height * width, channels))(self._norm(x))
-        query = keras.layers.Rescaling(channels**-0.5)(keras.layers.Dense(channels)(h))
-        key = keras.layers.Dense(channels)(h)
-        value = keras.layers.Dense(channels)(h)
+        query = keras.layers.Rescaling(channels**-0.5)(self.dense(channels)(h))
+        key = self.dense(channels)(h)
+        value = self.dense(channels)(h)
         h = keras.layers.Attention()([query, value, key])
-        h = keras.layers.Dense(channels)(h)
+        # The output projection starts at zero (the original code's proj_out, init_scale=0), so
+        # that each attention block begins as the identity, like the residual blocks.
+        h = self.dense(channels, kernel_initializer="zeros")(h)
         h = keras.layers.Reshape((height, width, channels))(h)
         return keras.layers.Add()([x, h])
 

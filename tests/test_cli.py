@@ -48,26 +48,87 @@ def test_train_writes_model_checkpoints_grids_and_logs_quietly(run_dir):
     last_line = done.stdout.strip().splitlines()[-1]
     assert str(out / "model.keras") in last_line and str(out / "samples" / "final.png") in last_line
     assert "final loss" in done.stdout and "images/s" in done.stdout
+    # The first line says the precision; every epoch says how long the whole run will take.
+    assert done.stdout.splitlines()[0] == "Precision: float32 (--mixed-precision off)"
+    assert "Time: epoch 1/2 took" in done.stdout and "Time: epoch 2/2 took" in done.stdout
+    assert "in all," in done.stdout and "left" in done.stdout
     # No TensorFlow log walls: nothing from the C++ logger, no Python warnings.
     assert "I0000" not in done.stderr and "WARNING" not in done.stderr and "Warning" not in done.stderr
+    # 64 images of 28x28 enlarged 3x (the smallest scale giving >= 512 px) with 2-px gaps.
     grid = keras.utils.load_img(out / "samples" / "final.png", color_mode="grayscale")
-    assert grid.size == (8 * 28, 8 * 28)
+    assert grid.size == (8 * 84 + 7 * 2, 8 * 84 + 7 * 2)
 
 
 @pytest.mark.slow
 def test_sample_command_writes_a_deterministic_grid(run_dir, tmp_path):
     out, _ = run_dir
-    first, second = tmp_path / "a.png", tmp_path / "b.png"
-    for target in (first, second):
+    first, second, raw = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "raw.png"
+    for target, scale in ((first, []), (second, []), (raw, ["--grid-scale", 1])):
         done = kddpm(
-            "sample", "--model", out, "--num", 6, "--sampler", "ddim", "--steps", 5, "--seed", 3, "--out", target
+            "sample",
+            "--model",
+            out,
+            "--num",
+            6,
+            "--sampler",
+            "ddim",
+            "--steps",
+            5,
+            "--seed",
+            3,
+            "--out",
+            target,
+            *scale,
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip().splitlines()[-1] == f"Samples: {target}"
     a = np.asarray(keras.utils.load_img(first, color_mode="grayscale"))
     b = np.asarray(keras.utils.load_img(second, color_mode="grayscale"))
-    assert a.shape == (2 * 28, 3 * 28)
+    # 2 rows of 3 tiles enlarged 7x (3 * 28 * 7 >= 512), 2-px gaps; --grid-scale 1 keeps raw pixels.
+    assert a.shape == (2 * 196 + 2, 3 * 196 + 2 * 2)
     np.testing.assert_array_equal(a, b)
+    c = np.asarray(keras.utils.load_img(raw, color_mode="grayscale"))
+    assert c.shape == (2 * 28 + 2, 3 * 28 + 2 * 2)
+    np.testing.assert_array_equal(c[:28, :28], a[:196:7, :196:7])  # the same image, not enlarged
+
+
+def test_zero_or_negative_steps_are_refused(tmp_path):
+    for steps in ("0", "-3"):
+        done = kddpm("sample", "--model", tmp_path / "m.keras", "--sampler", "ddim", "--steps", steps)
+        assert done.returncode == 2 and "--steps must be a positive integer" in done.stderr
+    done = kddpm("sample", "--model", tmp_path / "m.keras", "--grid-scale", "0")
+    assert done.returncode == 2 and "--grid-scale must be a positive integer" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_folder_with_a_truncated_image_names_the_file(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(6):
+        keras.utils.save_img(folder / f"{index}.png", np.full((28, 28, 1), 40 * index, np.uint8), scale=False)
+    whole = (folder / "0.png").read_bytes()
+    (folder / "broken.png").write_bytes(whole[: len(whole) // 2])
+    done = kddpm("train", "--preset", "tiny", "--data", folder, "--steps", 1, "--out", tmp_path / "r")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert str(folder / "broken.png") in done.stderr and "truncated or corrupt" in done.stderr
+    assert "--skip-bad-images" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "model.keras").exists()
+    done = kddpm(
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        folder,
+        "--steps",
+        1,
+        "--batch-size",
+        4,
+        "--skip-bad-images",
+        "--out",
+        tmp_path / "r",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 images in" in done.stdout and "1 undecodable files skipped" in done.stdout
 
 
 @pytest.mark.slow
@@ -88,7 +149,7 @@ def test_missing_and_corrupt_models_give_one_line_errors(tmp_path):
     corrupt = tmp_path / "model.keras"
     corrupt.write_bytes(b"PK\x03\x04 this is not a whole zip archive")
     done = kddpm("sample", "--model", corrupt, "--out", tmp_path / "x.png")
-    assert done.returncode == 2 and str(corrupt) in done.stderr and "corrupt" in done.stderr
+    assert done.returncode == 2 and str(corrupt) in done.stderr and "truncated or not a zip archive" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert corrupt.read_bytes().startswith(b"PK")  # left as it was
     # --verbose brings the traceback back.

@@ -147,3 +147,19 @@ def test_skipping_batches_resumes_the_stream_and_labels_can_be_left_out():
     for expected, got in zip(full[37:], resumed):
         np.testing.assert_array_equal(got, expected)
     assert not np.array_equal(full[0], full[39])  # the second epoch is shuffled and flipped anew
+
+
+def test_undecodable_images_are_named_or_skipped_with_a_count(tmp_path):
+    for index in range(4):
+        save_png(tmp_path / "a" / f"{index}.png", (10, 10, 1), 60 * index)
+    whole = (tmp_path / "a" / "0.png").read_bytes()
+    (tmp_path / "a" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "a" / "text.jpg").write_bytes(b"not an image")
+    with pytest.raises(KddpmError, match="2 of 6 images") as caught:
+        load_dataset(str(tmp_path / "a"), image_size=8)
+    for name in ("cut.png", "text.jpg"):
+        assert str(tmp_path / "a" / name) in str(caught.value)
+    source = image_source(str(tmp_path / "a"), skip_bad_images=True)
+    assert source.size == 4 and "2 undecodable files skipped" in source.description
+    images, _ = next(iter(load_dataset(source, batch_size=4, shuffle=False)))
+    np.testing.assert_allclose(np.sort(images.numpy()[:, 0, 0, 0]), (np.arange(4) * 60) / 127.5 - 1, atol=1e-6)

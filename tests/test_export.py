@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,9 @@ T = 40
 
 
 def load_onnx_sample():
+    # As when the script runs: its folder (with grid.py) is on the path.
+    if str(REPO / "export") not in sys.path:
+        sys.path.append(str(REPO / "export"))
     spec = importlib.util.spec_from_file_location("onnx_sample", REPO / "export" / "onnx_sample.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -348,7 +352,10 @@ def fake_tensorflow(tmp_path: Path) -> dict[str, str]:
 
 def test_onnx_sampler_script_runs_without_tensorflow(exported, tmp_path):
     out = tmp_path / "grid.png"
-    script = REPO / "export" / "onnx_sample.py"
+    # The folder as a deployer copies it, links followed (cp -rL), away from the repository.
+    shutil.copytree(REPO / "export", tmp_path / "deploy", symlinks=False)
+    assert not (tmp_path / "deploy" / "grid.py").is_symlink()
+    script = tmp_path / "deploy" / "onnx_sample.py"
     env = {**os.environ, **fake_tensorflow(tmp_path)}
     check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True)
     assert check.returncode != 0  # the blocker works
@@ -361,7 +368,12 @@ def test_onnx_sampler_script_runs_without_tensorflow(exported, tmp_path):
     from PIL import Image
 
     grid = np.asarray(Image.open(out))
-    assert grid.shape == (2 * 8, 3 * 8) and grid.dtype == np.uint8 and grid.std() > 0
+    # kddpm's grid: 3 columns of 8-px images enlarged 22x (the smallest scale reaching 512 px), 2-px gaps.
+    assert grid.shape == (2 * 176 + 2, 3 * 176 + 4) and grid.dtype == np.uint8 and grid.std() > 0
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(out), "--grid-scale", "1"], env=env, capture_output=True
+    )
+    assert done.returncode == 0 and np.asarray(Image.open(out)).shape == (2 * 8 + 2, 3 * 8 + 4)
 
 
 def test_onnx_sampler_rejects_a_file_without_kddpm_metadata(exported, tmp_path):

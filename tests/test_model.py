@@ -45,8 +45,8 @@ def test_training_draws_are_uniform_t_and_standard_normal_noise():
     assert t.min() >= 0 and t.max() <= 999
     assert abs(t.mean() - 499.5) < 15 and len(np.unique(t)) > 950
     assert abs(noise.numpy().mean()) < 0.01 and abs(noise.numpy().std() - 1) < 0.01
-    # Each step draws afresh.
-    model.optimizer.iterations.assign(1)
+    # Each batch draws afresh: the key is the number of batches trained on.
+    model.batches_seen.assign(1)
     t2, _ = model._draw_t_and_noise(x0, model._training_key())
     assert np.mean(t2.numpy() == t) < 0.05
 
@@ -134,10 +134,72 @@ def test_data_that_does_not_match_the_denoiser_is_refused():
         model.fit(np.zeros((8, 8, 8, 3), np.float32), batch_size=4, verbose=0)
     with pytest.raises(KddpmError, match="uint8"):
         model.fit(np.zeros((8, 8, 8, 1), np.uint8), batch_size=4, verbose=0)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"outside \[-1, 1\]"):
+    with pytest.raises(KddpmError, match=r"outside \[-1, 1\]"):
         model.fit(np.full((8, 8, 8, 1), 255.0, np.float32), batch_size=4, verbose=0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_out_of_range_data_is_refused_with_and_without_xla_and_changes_nothing(jit_compile):
+    """XLA compiles asserts to nothing; the check must hold there too (Keras turns XLA on for a GPU)."""
+    model = make_model()
+    model.compile(optimizer=make_optimizer(1e-3), jit_compile=jit_compile)
+    before = model.get_weights()
+    with pytest.raises(KddpmError, match=r"outside \[-1, 1\]"):
+        model.fit(np.full((8, 8, 8, 1), 255.0, np.float32), batch_size=4, verbose=0)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    # Good data still trains, and the flag does not reach the logs.
+    history = model.fit(images(8), batch_size=4, epochs=1, verbose=0)
+    assert set(history.history) == {"loss"} and int(model.optimizer.iterations.numpy()) == 2
+
+
+def test_timesteps_outside_the_schedule_are_refused_where_users_pass_them():
+    model = make_model()
+    x = images(2)
+    for bad in (np.array([0, 1000], np.int32), np.array([-1, 3], np.int32)):
+        with pytest.raises(KddpmError, match=r"t must lie in \[0, 1000\)"):
+            model([x, bad])
+        with pytest.raises(KddpmError, match=r"t must lie in \[0, 1000\)"):
+            model.schedule.q_sample(x, bad, x)
+        with pytest.raises(KddpmError, match=r"t must lie in \[0, 1000\)"):
+            model.schedule.predict_x0(x, tf.constant(bad), x)
+    with pytest.raises(KddpmError, match="integer"):
+        model.schedule.q_posterior(x, x, np.array([1.5, 2.0]))
+    # In a graph the check is an assert.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="t must lie in"):
+        tf.function(model.schedule.q_sample)(x, tf.constant([5, 1000]), x)
+    np.testing.assert_array_equal(model([x, np.array([0, 999], np.int32)]), model.denoiser([x, np.array([0, 999])]))
+
+
+def test_gradient_accumulation_is_refused_with_the_reason():
+    model = make_model()
+    with pytest.raises(KddpmError, match="gradient_accumulation_steps=4 is not supported"):
+        model.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=4))
 
 
 def test_bad_constructor_arguments():
     with pytest.raises(KddpmError, match="ema_decay"):
         DiffusionModel(tiny_unet(), ema_decay=1.0)
+
+
+def test_truncated_and_damaged_keras_files_are_named_as_such(tmp_path):
+    from kddpm import load_diffusion_model
+
+    model = make_model()
+    path = tmp_path / "model.keras"
+    model.save(path)
+    whole = path.read_bytes()
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(KddpmError, match="truncated or not a zip archive") as caught:
+        load_diffusion_model(truncated)
+    assert "File not found" not in str(caught.value) and str(truncated) in str(caught.value)
+    # A flipped byte inside a member fails its checksum.
+    damaged = bytearray(whole)
+    middle = whole.index(b"model.weights.h5") + 200
+    damaged[middle] ^= 0xFF
+    (tmp_path / "damaged.keras").write_bytes(bytes(damaged))
+    with pytest.raises(KddpmError, match=r"damaged|truncated"):
+        load_diffusion_model(tmp_path / "damaged.keras")
+    assert isinstance(load_diffusion_model(path), DiffusionModel)

@@ -5,7 +5,6 @@ import math
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
@@ -15,9 +14,9 @@ from kddpm.sampling import (
     ddim_plan,
     ddim_timesteps,
     ddpm_plan,
-    seed_pair,
-    standard_normal,
+    initial_noise,
 )
+from kddpm.streams import seed_pair
 
 T = 100
 
@@ -168,26 +167,6 @@ def test_a_seed_gives_the_same_images_with_and_without_xla(network, schedule, ba
     assert np.abs(plain).max() > 0.5  # not a degenerate all-zero draw
 
 
-def test_standard_normal_is_normal_and_the_same_under_xla():
-    key = seed_pair(2024)
-    shape = [200, 500]
-    plain = tf.function(standard_normal)(shape, key).numpy().astype(np.float64).ravel()
-    xla = tf.function(standard_normal, jit_compile=True)(shape, key).numpy().astype(np.float64).ravel()
-    np.testing.assert_allclose(plain, xla, rtol=1e-5, atol=1e-6)
-    # 100,000 draws against N(0, 1): moments, and the Kolmogorov-Smirnov distance to the
-    # normal CDF (its 1% critical value is 1.63 / sqrt(n) = 0.0052).
-    assert abs(plain.mean()) < 0.015 and abs(plain.std() - 1) < 0.01
-    assert abs(np.mean(plain**4) - 3) < 0.08
-    ordered = np.sort(plain)
-    cdf = 0.5 * (1 + np.vectorize(math.erf)(ordered / math.sqrt(2)))
-    steps = np.arange(1, len(ordered) + 1) / len(ordered)
-    assert max(np.abs(steps - cdf).max(), np.abs(steps - 1 / len(ordered) - cdf).max()) < 0.0052
-    # Another key, other draws; the same key, the same draws.
-    other = standard_normal(shape, seed_pair(2025)).numpy().ravel()
-    assert abs(np.corrcoef(plain, other)[0, 1]) < 0.02
-    np.testing.assert_array_equal(standard_normal(shape, key).numpy().ravel(), plain.astype(np.float32))
-
-
 def test_bad_sampler_arguments(network, schedule):
     model = DiffusionModel(network, schedule)
     with pytest.raises(KddpmError, match="Unknown sampler"):
@@ -200,3 +179,47 @@ def test_bad_sampler_arguments(network, schedule):
         Sampler(network, (8, 8, 1)).sample(
             ddim_plan(schedule, 4), x_T=np.zeros((2, 8, 8, 1)), noise=np.zeros((3, 2, 8, 8, 1))
         )
+    # Zero or negative steps are errors, never the default in disguise.
+    for steps in (0, -5):
+        with pytest.raises(KddpmError, match="steps must be a positive integer"):
+            model.sample(2, sampler="ddim", steps=steps)
+        with pytest.raises(KddpmError, match="steps must be a positive integer"):
+            model.sample(2, sampler="ddpm", steps=steps)
+
+    # Options that do not apply, and values that cannot be meant, are errors.
+    for kwargs, message in (
+        (dict(num_images=0), "num_images must be a positive integer"),
+        (dict(num_images=3, batch_size=0), "batch_size must be a positive integer"),
+        (dict(num_images=3, batch_size=-2), "batch_size must be a positive integer"),
+        (dict(num_images=2, sampler="ddpm", eta=0.5), "eta is DDIM's option"),
+        (dict(num_images=2, sampler="ddim", variance="beta"), "variance is DDPM's option"),
+        (dict(num_images=2, sampler="ddim", eta=float("nan")), "eta must be a finite number"),
+        (dict(num_images=2, sampler="ddim", eta=-1.0), "eta must be a finite number"),
+        (dict(num_images=2, x_T=np.zeros((2, 4, 4, 1))), "x_T has shape"),
+        (dict(num_images=3, x_T=np.zeros((2, 8, 8, 1))), "x_T holds 2 images"),
+    ):
+        with pytest.raises(KddpmError, match=message):
+            model.sample(**kwargs)
+
+
+def test_image_i_of_a_seed_does_not_depend_on_the_batch_size(network, schedule):
+    model = DiffusionModel(network, schedule)
+    settings = dict(seed=21, sampler="ddim", steps=6, eta=1.0, jit_compile=False)
+    whole = model.sample(7, **settings)
+    # The noise is identical; the network's float rounding may differ with the batch size.
+    for batch_size in (1, 2, 3):
+        np.testing.assert_allclose(model.sample(7, batch_size=batch_size, **settings), whole, atol=1e-4)
+    # The first images of a larger request are the smaller request's images.
+    np.testing.assert_allclose(model.sample(10, **settings)[:7], whole, atol=1e-4)
+    assert not np.allclose(whole[0], whole[1])
+
+
+def test_explicit_initial_noise(network, schedule):
+    model = DiffusionModel(network, schedule)
+    x_T = initial_noise(seed_pair(4), 0, 3, (8, 8, 1)).numpy()
+    settings = dict(sampler="ddim", steps=5, eta=1.0, jit_compile=False)
+    np.testing.assert_allclose(
+        model.sample(x_T=x_T, seed=4, **settings), model.sample(3, seed=4, **settings), atol=1e-6
+    )
+    other = model.sample(x_T=np.zeros_like(x_T), seed=4, **settings)
+    assert not np.allclose(other, model.sample(3, seed=4, **settings))

@@ -94,6 +94,28 @@ def test_mixed_precision_keeps_loss_output_and_sampler_float32(mode):
         set_precision("int8")
 
 
+def test_auto_precision_is_bfloat16_only_where_the_hardware_computes_it(monkeypatch):
+    import kddpm.training as training
+
+    try:
+        monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+        line = set_precision("auto")
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        assert line == "mixed_bfloat16 (auto: the CPU has avx512_bf16)"
+        monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
+        assert set_precision("auto").startswith("mixed_bfloat16")
+        monkeypatch.setattr(training, "_cpu_flags", lambda: {"avx2", "avx512f"})
+        assert set_precision("auto") == "float32 (auto: the CPU has no avx512_bf16 or amx_bf16)"
+        assert keras.mixed_precision.global_policy().name == "float32"
+        # This machine's own answer agrees with its /proc/cpuinfo.
+        monkeypatch.undo()
+        native, _ = training.native_bfloat16()
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        assert native == ("avx512_bf16" in cpuinfo or "amx_bf16" in cpuinfo)
+    finally:
+        set_precision("off")
+
+
 def test_xla_train_step_is_l_simple_on_the_plain_graphs_draws():
     """t and eps for a seed are the same under XLA as in the plain graph (the noise is built from
     Philox integers, on which both agree), so the XLA step is L_simple on the plain draws."""
