@@ -26,7 +26,7 @@ import tensorflow as tf
 import tf2onnx
 
 from kddpm import build_unet
-from kddpm.sampling import RNG_ALG
+from kddpm.streams import RNG_ALG
 
 SHAPE = (8, 8, 1)
 STEPS = 5

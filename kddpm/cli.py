@@ -216,6 +216,17 @@ def _train(args: argparse.Namespace) -> int:
         steps = args.steps or preset.train_steps
         steps_per_epoch = min(args.steps_per_epoch, steps)
         epochs = math.ceil(steps / steps_per_epoch)
+    settings = {
+        "preset": preset.name,
+        "data": args.data,
+        "batch_size": batch_size,
+        "seed": args.seed,
+        "steps_per_epoch": steps_per_epoch,
+        "precision": keras.mixed_precision.global_policy().name,
+        "skip_bad_images": args.skip_bad_images,
+    }
+    if state:
+        _check_resume_settings(state.get("settings", {}), settings, backup_dir)
     data = load_dataset(
         source,
         batch_size=batch_size,
@@ -246,7 +257,7 @@ def _train(args: argparse.Namespace) -> int:
     throughput = Throughput(batch_size)
     callbacks = [
         StopOnNonFiniteLoss(),  # first, so that nothing after it saves broken weights
-        TrainingBackup(backup_dir, write_dir=write_dir / "backup"),
+        TrainingBackup(backup_dir, write_dir=write_dir / "backup", settings=settings),
         keras.callbacks.ModelCheckpoint(write_dir / "checkpoints" / "last.keras"),
         keras.callbacks.TensorBoard(write_dir / "logs"),
         throughput,
@@ -295,6 +306,33 @@ def _train(args: argparse.Namespace) -> int:
     )
     print(f"Model: {model_path}  Samples: {grid}  Logs: {out / 'logs'}")
     return 0
+
+
+# The flag that sets each stored setting, for messages.
+_SETTING_FLAGS = {
+    "preset": "--preset",
+    "data": "--data",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "steps_per_epoch": "--steps-per-epoch (or --epochs, --steps)",
+    "precision": "--mixed-precision",
+    "skip_bad_images": "--skip-bad-images",
+}
+
+
+def _check_resume_settings(stored: dict, current: dict, backup_dir: Path) -> None:
+    """Refuses to resume a backup with a setting that would change the data order, the noise or the steps."""
+    from kddpm.errors import KddpmError
+    from kddpm.training import mismatched_settings
+
+    mismatches = mismatched_settings(stored, current)
+    if mismatches:
+        name, before, now = mismatches[0]
+        raise KddpmError(
+            f"The backup in {backup_dir} was made with {_SETTING_FLAGS.get(name, name)} = {before!r}, this command "
+            f"gives {now!r}; resuming would not continue the same run. Rerun with the backup's value, or use "
+            "another --out (--lr, --steps, --epochs, --grid-every, --grid-scale, --jit and --strategy may change)."
+        )
 
 
 def _save_atomically(model, path: Path) -> None:

@@ -35,7 +35,8 @@ import tensorflow as tf
 
 from kddpm.errors import KddpmError
 from kddpm.model import DiffusionModel, load_diffusion_model
-from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, initial_noise, seed_pair, to_uint8_tensor
+from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, initial_noise, to_uint8_tensor
+from kddpm.streams import seed_pair
 
 FORMATS = ("saved_model", "onnx", "all")
 DEFAULT_OPSET = 17
@@ -71,9 +72,10 @@ def export_model(
     """Exports ``model`` (a DiffusionModel, a ``.keras`` file or a run folder) into ``out``.
 
     SavedModel: ``out/<model_name>/<version>/``; ONNX: ``out/<model_name>.onnx``. See
-    ``export_saved_model`` and ``export_onnx`` for the arguments. Every target is checked
-    before anything is written, so a refused ONNX file does not leave a new SavedModel
-    version behind. log: called with a line before each slow step.
+    ``export_saved_model`` and ``export_onnx`` for the arguments. Every format is written
+    beside its final place and compared with Keras before any is published: when one fails
+    (its target exists, or its parity check), nothing new appears. log: called with a line
+    before each slow step.
     """
     log = log or (lambda line: None)
     if format not in FORMATS:
@@ -86,14 +88,44 @@ def export_model(
     if not isinstance(model, DiffusionModel):
         log(f"Loading {model}...")
         model = load_diffusion_model(model)
-    results = []
-    if format in ("saved_model", "all"):
-        log("Writing the SavedModel and checking it against the Keras model...")
-        results.append(export_saved_model(model, out, model_name, version, clip_x0))
-    if format in ("onnx", "all"):
-        log("Converting to ONNX and checking ONNX Runtime against the Keras model...")
-        results.append(export_onnx(model, out / f"{model_name}.onnx", opset, overwrite))
-    return results
+    staged: list[_Staged] = []
+    try:
+        if format in ("saved_model", "all"):
+            log("Writing the SavedModel and checking it against the Keras model...")
+            staged.append(_stage_saved_model(model, out, model_name, version, clip_x0))
+        if format in ("onnx", "all"):
+            log("Converting to ONNX and checking ONNX Runtime against the Keras model...")
+            staged.append(_stage_onnx(model, out / f"{model_name}.onnx", opset, overwrite))
+    except BaseException:
+        # One format failed its check: none is published, so a retry starts from the same state.
+        for item in staged:
+            item.discard()
+        raise
+    return [item.publish() for item in staged]
+
+
+@dataclasses.dataclass
+class _Staged:
+    """An export written beside its final place and checked, waiting to be renamed into it."""
+
+    format: str
+    partial: Path
+    final: Path
+    max_abs_diff: float
+
+    def publish(self) -> ExportResult:
+        try:
+            os.replace(self.partial, self.final)
+        except BaseException:
+            self.discard()
+            raise
+        return ExportResult(self.format, self.final, self.max_abs_diff)
+
+    def discard(self) -> None:
+        if self.partial.is_dir():
+            shutil.rmtree(self.partial, ignore_errors=True)
+        else:
+            self.partial.unlink(missing_ok=True)
 
 
 def exported_network(model: DiffusionModel) -> keras.Model:
@@ -130,19 +162,23 @@ def export_saved_model(
     An existing version is never replaced. clip_x0: whether the ``sample`` signatures clip
     the predicted x0 to [-1, 1] at each step.
     """
-    final = _saved_model_target(Path(base_dir), model_name, version)
-    model_dir, version = final.parent, int(final.name)
+    return _stage_saved_model(model, Path(base_dir), model_name, version, clip_x0).publish()
+
+
+def _stage_saved_model(
+    model: DiffusionModel, base_dir: Path, model_name: str, version: int | None, clip_x0: bool
+) -> _Staged:
+    final = _saved_model_target(base_dir, model_name, version)
     # Hidden and non-numeric, so TF Serving ignores it until the rename.
-    partial = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         network = exported_network(model)
         _serving_archive(model, network, clip_x0).write_out(str(partial), verbose=False)
         max_abs_diff = _saved_model_parity(model, network, partial)
-        os.rename(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return ExportResult("saved_model", final, max_abs_diff)
+    return _Staged("saved_model", partial, final, max_abs_diff)
 
 
 def _saved_model_target(base_dir: Path, model_name: str, version: int | None) -> Path:
@@ -215,13 +251,13 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
         key = seed_pair(seed[0])
         plan_timesteps, coefficients = plan(sampler_name[0], steps[0])
         stop = tf.shape(plan_timesteps)[0]
-        x_0 = loop(x_T, key, plan_timesteps, coefficients, tf.constant(0), stop)
+        x_0 = loop(x_T, key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
         return {"images": to_uint8_tensor(x_0)}
 
     def sample(num_images, seed, sampler, steps):
         count = num_images[0]
         with tf.control_dependencies([tf.debugging.assert_positive(count, message="num_images must be >= 1")]):
-            x_T = initial_noise(seed_pair(seed[0]), count, model.image_shape)
+            x_T = initial_noise(seed_pair(seed[0]), 0, count, model.image_shape)
         return run(x_T, seed, sampler, steps)
 
     def sample_from_noise(x_T, seed, sampler, steps):
@@ -275,10 +311,14 @@ def export_onnx(
     Raises KddpmError, writing nothing, when ONNX Runtime's eps differs from Keras' by more
     than TOLERANCE at batch 1 or 8. An existing file is replaced only with ``overwrite``.
     """
+    return _stage_onnx(model, Path(path), opset, overwrite).publish()
+
+
+def _stage_onnx(model: DiffusionModel, path: Path, opset: int, overwrite: bool) -> _Staged:
     import onnx
     import tf2onnx
 
-    path = _onnx_target(Path(path), overwrite)
+    path = _onnx_target(path, overwrite)
     network = exported_network(model)
     signature = [
         tf.TensorSpec([None, *model.image_shape], tf.float32, name="x_t"),
@@ -299,11 +339,10 @@ def export_onnx(
     partial = path.with_name(f".{path.name}.partial")
     try:
         partial.write_bytes(serialized)
-        os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return ExportResult("onnx", path, max_abs_diff)
+    return _Staged("onnx", partial, path, max_abs_diff)
 
 
 def _onnx_target(path: Path, overwrite: bool) -> Path:

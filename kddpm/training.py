@@ -295,12 +295,20 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
 
     write_dir: where this process writes (default ``backup_dir``); non-chief workers of a
     multi-worker run write to a directory of their own and all read the chief's.
+    settings: what the run must keep to resume exactly (batch size, seed, ...), stored with
+    the backup so that a rerun can be checked against it (``mismatched_settings``).
+
+    The step stored is the number of data batches trained on (``DiffusionModel.batches_seen``),
+    not the optimizer's count, which a float16 loss scaler does not advance on skipped steps.
     """
 
-    def __init__(self, backup_dir: str | Path, write_dir: str | Path | None = None):
+    def __init__(
+        self, backup_dir: str | Path, write_dir: str | Path | None = None, settings: dict[str, Any] | None = None
+    ):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
         self.path = Path(self._weights_path)
         self.write_path = Path(write_dir or backup_dir) / self.path.name
+        self.settings = dict(settings or {})
 
     def on_train_begin(self, logs=None):
         state = read_backup_state(self.path.parent)
@@ -330,16 +338,22 @@ class TrainingBackup(keras.callbacks.BackupAndRestore):
         self.model.save_weights(partial, overwrite=True)
         state = {
             "epoch": self._current_epoch,
-            "step": int(self.model.optimizer.iterations.numpy()),
+            "step": int(self.model.batches_seen.numpy()),
             "seed_states": [generator.state.numpy().tolist() for generator in _seed_generators(self.model)],
+            "settings": self.settings,
         }
         with h5py.File(partial, "a") as file:
             file.attrs[_STATE_ATTRIBUTE] = json.dumps(state)
         os.replace(partial, self.write_path)
 
 
+def mismatched_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(name, backup's value, current value) for every setting that differs from the backup's."""
+    return [(name, stored[name], current.get(name)) for name in sorted(stored) if stored[name] != current.get(name)]
+
+
 def read_backup_state(backup_dir: str | Path) -> dict[str, Any] | None:
-    """{'epoch', 'step', 'seed_states'} of the backup in ``backup_dir``, or None when there is none.
+    """{'epoch', 'step', 'seed_states', 'settings'} of the backup in ``backup_dir``, or None when there is none.
 
     Raises KddpmError naming the file when it exists but cannot be read.
     """

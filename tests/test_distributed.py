@@ -21,18 +21,32 @@ from conftest import tiny_unet
 from kddpm import DiffusionModel, NoiseSchedule
 from kddpm.training import make_optimizer
 
-keras.utils.set_random_seed(0)
-initial = [w.copy() for w in tiny_unet().get_weights()]
+initial = [w.copy() for w in tiny_unet(seed=0).get_weights()]
 rng = np.random.default_rng(0)
 images = rng.uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32)
 
+# Counts the tensors each replica all-reduces while the train step is traced.
+reduced = []
+original_all_reduce = tf.distribute.ReplicaContext.all_reduce
 
-def train(strategy, optimizer):
+
+def counting_all_reduce(self, reduce_op, value, options=None):
+    reduced.append(len(tf.nest.flatten(value)))
+    return original_all_reduce(self, reduce_op, value, options)
+
+
+tf.distribute.ReplicaContext.all_reduce = counting_all_reduce
+
+
+def train(strategy, optimizer, dropout):
     # Adam is blind to a constant gradient scale, so plain SGD checks the global-batch mean;
-    # Adam with a tight clip checks that the clip sees the global gradient's norm.
+    # Adam with a tight clip checks that the clip sees the global gradient's norm. Dropout
+    # checks that each example of the global batch gets its own mask on any replica.
+    reduced.clear()
     with strategy.scope():
         clip = 0.05 if optimizer == "adam" else None
-        model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=clip, seed=5)
+        network = tiny_unet(dropout=dropout)
+        model = DiffusionModel(network, NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=clip, seed=5)
         model.compile(optimizer=make_optimizer(1e-2, 2) if optimizer == "adam" else keras.optimizers.SGD(0.05))
     model.denoiser.set_weights(initial)
     model.reset_ema()
@@ -44,13 +58,15 @@ def train(strategy, optimizer):
         "weights": [w.tolist() for w in model.denoiser.get_weights()],
         "ema": [w.tolist() for w in model.ema_denoiser.get_weights()],
         "steps": int(model.optimizer.iterations.numpy()),
+        "variables": len(model.denoiser.trainable_variables),
+        "reduced_per_replica": sum(reduced) / strategy.num_replicas_in_sync,
     }
 
 
 results = [
-    [train(tf.distribute.OneDeviceStrategy("/cpu:0"), optimizer),
-     train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), optimizer)]
-    for optimizer in ("adam", "sgd")
+    [train(tf.distribute.OneDeviceStrategy("/cpu:0"), optimizer, dropout),
+     train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), optimizer, dropout)]
+    for optimizer, dropout in (("adam", 0.0), ("sgd", 0.0), ("adam", 0.3))
 ]
 print(json.dumps(results))
 """
@@ -67,6 +83,9 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for single, mirrored in json.loads(done.stdout.strip().splitlines()[-1]):
         check_same_training(single, mirrored)
+        # One all-reduce of each gradient per step (traced once): the clip's when clipping, else
+        # the optimizer's, never both.
+        assert mirrored["reduced_per_replica"] == mirrored["variables"]
 
 
 def check_same_training(single, mirrored):
@@ -94,11 +113,11 @@ from conftest import tiny_unet
 from kddpm import DiffusionModel, NoiseSchedule
 from kddpm.training import make_optimizer
 
-keras.utils.set_random_seed(0)
-initial = [w.copy() for w in tiny_unet().get_weights()]
+initial = [w.copy() for w in tiny_unet(seed=0).get_weights()]
 images = np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32)
 with strategy.scope():
-    model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=0.05, seed=5)
+    # Dropout > 0: each worker must draw the masks of its own examples of the global batch.
+    model = DiffusionModel(tiny_unet(dropout=0.3), NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=0.05, seed=5)
     model.compile(optimizer=make_optimizer(1e-2, 2))
 model.denoiser.set_weights(initial)
 model.reset_ema()

@@ -283,6 +283,32 @@ def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeyp
     assert not list((tmp_path / "out").glob("*.onnx*"))
 
 
+def test_format_all_publishes_nothing_when_onnx_fails(model, tmp_path, monkeypatch, capsys):
+    """The SavedModel passes its check, ONNX fails its own: no new version goes live, and a retry
+    does not add one either."""
+    from kddpm import cli
+
+    model_file = tmp_path / "model.keras"
+    model.save(model_file)
+    base = tmp_path / "out"
+    assert cli.main(["export", "--model", str(model_file), "--format", "saved_model", "--out", str(base)]) == 0
+    version_1 = {p.relative_to(base): p.read_bytes() for p in (base / "kddpm" / "1").rglob("*") if p.is_file()}
+
+    def failing_onnx_parity(model, network, serialized):
+        raise KddpmError("ONNX Runtime's output differs from the Keras model by 0.5 (> 0.0001); nothing was written.")
+
+    monkeypatch.setattr(export_module, "_onnx_parity", failing_onnx_parity)
+    for _ in range(2):
+        code = cli.main(["export", "--model", str(model_file), "--format", "all", "--out", str(base)])
+        assert code == 2 and "ONNX Runtime's output differs" in capsys.readouterr().err
+        assert sorted(p.name for p in (base / "kddpm").iterdir()) == ["1"]  # no version 2, no partial folder
+        assert not list(base.glob("*.onnx*")) and not list(base.glob(".*"))
+    assert {p.relative_to(base): p.read_bytes() for p in (base / "kddpm" / "1").rglob("*") if p.is_file()} == version_1
+    monkeypatch.undo()
+    assert cli.main(["export", "--model", str(model_file), "--format", "all", "--out", str(base)]) == 0
+    assert sorted(p.name for p in (base / "kddpm").iterdir()) == ["1", "2"] and (base / "kddpm.onnx").is_file()
+
+
 def test_export_refuses_bad_input_and_damages_nothing(model, exported, tmp_path):
     base, results = exported
     with pytest.raises(KddpmError, match="No model at"):
