@@ -110,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="XLA-compile the train step; auto: Keras' choice (on for a single GPU, off on CPU)",
     )
+    train.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="make GPU kernels deterministic (tf.config.experimental.enable_op_determinism; slower); "
+        "CPU runs are already repeatable",
+    )
     train.set_defaults(run=_train)
 
     sample = verbs.add_parser("sample", parents=[common], help="draw samples from a trained model")
@@ -118,8 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     sample.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    sample.add_argument("--variance", choices=["beta_tilde", "beta"], default="beta_tilde", help="DDPM sigma^2")
+    sample.add_argument("--eta", type=float, help="DDIM noise scale (default 0: deterministic); DDIM only")
+    sample.add_argument(
+        "--variance", choices=["beta_tilde", "beta"], help="DDPM's sigma^2 (default beta_tilde); DDPM only"
+    )
     sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
     sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
@@ -177,6 +185,10 @@ def _train(args: argparse.Namespace) -> int:
 
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF work.
     strategy = make_strategy(args.strategy)
+    if args.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
     preset = get_preset(args.preset)
     out = Path(args.out or f"runs/{preset.name}")
