@@ -348,6 +348,24 @@ class DiffusionModel(keras.Model):
             batches.append(np.clip(images.numpy(), -1.0, 1.0))
         return np.concatenate(batches, axis=0)
 
+    def trajectory(
+        self,
+        num_images: int = 4,
+        seed: int = 0,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float | None = None,
+        variance: str | None = None,
+        clip_x0: bool = False,
+        snapshots: int = 10,
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
+        weights (see ``Sampler.trajectory``; the options are ``sample``'s)."""
+        plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
+        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
+            raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
+        return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots)
+
     def _get_sampler(self, use_ema: bool, jit_compile: bool | str) -> Sampler:
         network = self.ema_denoiser if use_ema else self.denoiser
         cached = self._sampler

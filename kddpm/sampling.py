@@ -248,6 +248,40 @@ class Sampler:
             bar.update(int(stop))
         return x
 
+    def trajectory(
+        self, plan: SamplingPlan, num_images: int, seed: int = 0, snapshots: int = 10
+    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """The reverse process seen at ``snapshots`` evenly spaced points (the paper's Figure 6).
+
+        Returns [(t, x_t, x0_hat)] from x_T to the end: t the timestep index the snapshot is
+        taken before (-1 after the last step), x_t [B, H, W, C] and the x0 predicted from it
+        (clipped to [-1, 1]; at the end, the sample itself). The images are those ``sample``
+        draws for the seed; the loop runs one graph call per stretch between snapshots, plus
+        one network call per snapshot for its x0.
+        """
+        if snapshots < 2:
+            raise KddpmError(f"A trajectory needs at least 2 snapshots, got {snapshots}.")
+        key = seed_pair(seed)
+        x = initial_noise(key, 0, num_images, self.image_shape)
+        loop = self._function(plan.clip_x0, False, self.uses_xla(num_images))
+        timesteps = tf.constant(plan.timesteps, tf.int32)
+        coefficients = tf.constant(plan.coefficients())
+        first = tf.constant(0)
+        shots, done = [], 0
+        for bound in np.unique(np.linspace(0, plan.num_steps, snapshots).round().astype(np.int32)):
+            if bound > done:
+                x = loop(x, key, first, timesteps, coefficients, tf.constant(done), tf.constant(int(bound)))
+                done = int(bound)
+            if bound < plan.num_steps:
+                t = int(plan.timesteps[bound])
+                eps = tf.cast(self.network([x, tf.fill([num_images], t)], training=False), tf.float32)
+                x0_from_xt, x0_from_eps = plan.coefficients()[bound, :2]
+                x0_hat = np.clip((x0_from_xt * x - x0_from_eps * eps).numpy(), -1.0, 1.0)
+                shots.append((t, x.numpy(), x0_hat))
+            else:
+                shots.append((-1, x.numpy(), np.clip(x.numpy(), -1.0, 1.0)))
+        return shots
+
     def _function(self, clip_x0: bool, explicit_noise: bool, jit_compile: bool):
         key = (clip_x0, explicit_noise, jit_compile)
         if key not in self._functions:

@@ -147,7 +147,7 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 0, epsilon: float =
     return keras.optimizers.Adam(learning_rate, epsilon=epsilon)
 
 
-def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None) -> Path:
+def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None, columns: int | None = None) -> Path:
     """Writes images [N, H, W, C] in [-1, 1] as one PNG grid (``kddpm.grid.image_grid``); returns the path.
 
     scale: nearest-neighbour enlargement of each image (default: a grid at least 512 px wide;
@@ -157,7 +157,7 @@ def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None) -
         raise KddpmError(f"The grid scale must be a positive integer, got {scale}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keras.utils.save_img(path, image_grid(to_uint8(images), scale=scale), scale=False)
+    keras.utils.save_img(path, image_grid(to_uint8(images), columns=columns, scale=scale), scale=False)
     return path
 
 
@@ -185,6 +185,55 @@ class SampleGrid(keras.callbacks.Callback):
         if (epoch + 1) % self.every == 0:
             images = self.model.sample(self.num_images, seed=self.seed, **self.sample_kwargs)
             write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png", self.grid_scale)
+
+
+class EvaluateEvery(keras.callbacks.Callback):
+    """FID and KID of EMA samples against a reference every ``every`` epochs, added to the epoch's logs.
+
+    Put it before ``keras.callbacks.TensorBoard`` in the callback list: TensorBoard then writes
+    ``epoch_fid`` and ``epoch_kid`` as scalars. The reference's features are computed once and
+    cached (``kddpm.features``). Other arguments are ``kddpm.evaluation.evaluate``'s.
+    """
+
+    def __init__(
+        self,
+        every: int = 1,
+        num_samples: int = 1000,
+        reference: str | None = None,
+        extractor: str | None = None,
+        sampler: str = "ddim",
+        steps: int | None = 50,
+        clip_x0: bool = True,
+        seed: int = 0,
+        print_fn=print,
+    ):
+        super().__init__()
+        if every < 1 or num_samples < 2:
+            raise KddpmError(f"Evaluate every >= 1 epochs with >= 2 samples, got {every} and {num_samples}.")
+        self.every = every
+        self.settings = dict(
+            num_samples=num_samples, reference=reference, sampler=sampler, steps=steps, clip_x0=clip_x0, seed=seed
+        )
+        self.extractor_name = extractor
+        self.print_fn = print_fn
+        self._extractor = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        from kddpm.evaluation import default_extractor, evaluate
+        from kddpm.features import feature_extractor
+
+        if self._extractor is None:
+            self._extractor = feature_extractor(self.extractor_name or default_extractor(self.model.image_shape))
+        results = evaluate(self.model, ("fid", "kid"), extractor=self._extractor, **self.settings)["metrics"]
+        if logs is not None:
+            logs["fid"] = results["fid"]
+            logs["kid"] = results["kid"]["mean"]
+        self.print_fn(
+            f"Evaluation after epoch {epoch + 1}: FID {results['fid']:.2f}, KID {results['kid']['mean']:.4f} "
+            f"({self.settings['num_samples']} samples)"
+        )
 
 
 class Throughput(keras.callbacks.Callback):

@@ -1,59 +1,19 @@
-"""The ``kddpm`` command line: argument parsing, progress and printing only."""
+"""``kddpm train``: a preset's model trained with model.fit, resumable, on any strategy."""
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
-import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-GRID_IMAGES = 64
+from kddpm.cli.common import GRID_IMAGES, add_grid_scale, positive, save_atomically
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
-    from kddpm import _startup
-    from kddpm.errors import KddpmError
-
-    if not args.verbose:
-        _startup.quiet_python_logs()
-
-    try:
-        return args.run(args) or 0
-    except KddpmError as error:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nInterrupted; files written so far are kept.", file=sys.stderr)
-        return 130
-    except Exception as error:  # the last line of defence: one sentence, not a traceback
-        if args.verbose:
-            traceback.print_exc()
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"error: {type(error).__name__}: {first_line} (run again with --verbose for details)", file=sys.stderr)
-        return 1
-
-
-def _parser() -> argparse.ArgumentParser:
+def add_parser(verbs, common) -> None:
     from kddpm.presets import PRESETS
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--verbose", action="store_true", help="show TensorFlow's logs and full tracebacks")
-    parser = argparse.ArgumentParser(
-        prog="kddpm", description="Train, sample and export DDPM models (Ho et al. 2020) with Keras."
-    )
-    verbs = parser.add_subparsers(title="commands")
 
     presets = "\n".join(f"  {p.name:8s} {p.description}" for p in PRESETS.values())
     train = verbs.add_parser(
@@ -85,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run folder (default: runs/PRESET)")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     train.add_argument("--grid-every", type=int, default=5, help="write a sample grid every N epochs (default 5)")
-    _add_grid_scale(train)
+    add_grid_scale(train)
+    train.add_argument(
+        "--eval-every", type=int, help="FID and KID of EMA samples every N epochs, printed and in TensorBoard (off)"
+    )
+    train.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation (default 1000)")
+    train.add_argument(
+        "--eval-reference", help="real images for --eval-every (default fashion_mnist:test for Fashion-MNIST shapes)"
+    )
     train.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -116,58 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         help="make GPU kernels deterministic (tf.config.experimental.enable_op_determinism; slower); "
         "CPU runs are already repeatable",
     )
-    train.set_defaults(run=_train)
-
-    sample = verbs.add_parser("sample", parents=[common], help="draw samples from a trained model")
-    sample.add_argument("--model", required=True, help="run folder or .keras file")
-    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    sample.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
-    sample.add_argument("--eta", type=float, help="DDIM noise scale (default 0: deterministic); DDIM only")
-    sample.add_argument(
-        "--variance", choices=["beta_tilde", "beta"], help="DDPM's sigma^2 (default beta_tilde); DDPM only"
-    )
-    sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
-    sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
-    sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
-    _add_grid_scale(sample)
-    sample.set_defaults(run=_sample)
-
-    export = verbs.add_parser(
-        "export",
-        parents=[common],
-        help="export the EMA denoiser for TF Serving and ONNX Runtime",
-        description="Export a trained model's EMA denoiser: a SavedModel in TF Serving's OUT/NAME/VERSION/ "
-        "layout and/or OUT/NAME.onnx, each checked against the Keras model before it is written.",
-    )
-    export.add_argument("--model", required=True, help="run folder or .keras file")
-    export.add_argument("--format", choices=["saved_model", "onnx", "all"], default="all")
-    export.add_argument("--out", default="exported", help="base folder (default: exported)")
-    export.add_argument("--name", default="kddpm", help="model name: the SavedModel folder and ONNX file name")
-    export.add_argument("--version", type=int, help="SavedModel version (default: one more than the highest there)")
-    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    export.add_argument("--clip-x0", action="store_true", help="the SavedModel's sample signatures clip x0")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
-    export.set_defaults(run=_export)
-    return parser
+    train.set_defaults(run=run)
 
 
-def _add_grid_scale(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--grid-scale",
-        type=int,
-        help="enlarge each image of a grid this many times (default: grids at least 512 px wide; 1: raw pixels)",
-    )
-
-
-def _train(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import keras
 
     from kddpm.data import image_source, load_dataset
     from kddpm.errors import KddpmError
     from kddpm.presets import get_preset
     from kddpm.training import (
+        EvaluateEvery,
         NonFiniteLossError,
         SampleGrid,
         StopOnNonFiniteLoss,
@@ -197,10 +123,17 @@ def _train(args: argparse.Namespace) -> int:
     if model_path.exists() and not args.overwrite:
         raise KddpmError(f"{out} already holds a trained model; choose another --out or pass --overwrite.")
     batch_size = args.batch_size or preset.batch_size
-    for name in ("steps", "epochs", "batch_size", "steps_per_epoch", "grid_every", "grid_scale"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    positive(
+        args,
+        "steps",
+        "epochs",
+        "batch_size",
+        "steps_per_epoch",
+        "grid_every",
+        "grid_scale",
+        "eval_every",
+        "eval_samples",
+    )
     if batch_size % strategy.num_replicas_in_sync:
         raise KddpmError(
             f"--batch-size {batch_size} is the global batch and must divide evenly over "
@@ -275,6 +208,12 @@ def _train(args: argparse.Namespace) -> int:
         throughput,
         TrainingClock(epochs),
     ]
+    if args.eval_every and chief:
+        # Before TensorBoard, which then writes the FID and KID it adds to the epoch's logs.
+        evaluation = EvaluateEvery(
+            args.eval_every, args.eval_samples, reference=args.eval_reference, clip_x0=preset.clip_x0, seed=args.seed
+        )
+        callbacks.insert(3, evaluation)
     if chief:
         grids = SampleGrid(
             out / "samples",
@@ -296,7 +235,7 @@ def _train(args: argparse.Namespace) -> int:
             "Lower --lr (or use --mixed-precision off) and run the same command again to resume."
         ) from None
     train_seconds = time.time() - started
-    _save_atomically(model, model_path if chief else write_dir / "model.keras")
+    save_atomically(model, model_path if chief else write_dir / "model.keras")
     if not chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         print("Worker finished; the chief wrote the run.")
@@ -345,69 +284,3 @@ def _check_resume_settings(stored: dict, current: dict, backup_dir: Path) -> Non
             f"gives {now!r}; resuming would not continue the same run. Rerun with the backup's value, or use "
             "another --out (--lr, --steps, --epochs, --grid-every, --grid-scale, --jit and --strategy may change)."
         )
-
-
-def _save_atomically(model, path: Path) -> None:
-    """Saves beside ``path`` and renames, so that a crash never leaves a half-written model."""
-    partial = path.with_name(path.stem + ".partial.keras")
-    model.save(partial)
-    os.replace(partial, path)
-
-
-def _sample(args: argparse.Namespace) -> int:
-    from kddpm.errors import KddpmError
-    from kddpm.model import load_diffusion_model
-    from kddpm.training import write_grid
-
-    for name in ("num", "steps", "batch_size", "grid_scale"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise KddpmError(f"--out {out} must end in .png.")
-    model = load_diffusion_model(args.model)
-    steps = args.steps if args.sampler == "ddim" else None
-    if args.sampler == "ddpm" and args.steps not in (None, model.schedule.timesteps):
-        raise KddpmError(
-            f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim for --steps {args.steps}."
-        )
-    print(f"Sampling {args.num} images with {args.sampler.upper()} ({steps or model.schedule.timesteps} steps)")
-    images = model.sample(
-        args.num,
-        seed=args.seed,
-        sampler=args.sampler,
-        steps=steps,
-        eta=args.eta,
-        variance=args.variance,
-        clip_x0=args.clip_x0,
-        batch_size=args.batch_size,
-        progress=True,
-    )
-    print(f"Samples: {write_grid(images, out, args.grid_scale)}")
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from kddpm.export import export_model
-
-    results = export_model(
-        args.model,
-        args.out,
-        args.format,
-        model_name=args.name,
-        version=args.version,
-        opset=args.opset,
-        clip_x0=args.clip_x0,
-        overwrite=args.overwrite,
-        log=print,
-    )
-    for result in results:
-        print(f"  {result.path}: max |{result.label} - Keras| = {result.max_abs_diff:.2e}")
-    names = {"saved_model": "SavedModel", "onnx": "ONNX"}
-    print("Exported: " + "  ".join(f"{names[result.format]}: {result.path}" for result in results))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
