@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
-from kddpm.model import DiffusionModel, load_diffusion_model
+from kddpm.model import DiffusionModel, load_diffusion_model, network_with_precision
 from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, initial_noise, to_uint8_tensor
 from kddpm.streams import seed_pair
 
@@ -134,16 +134,7 @@ def exported_network(model: DiffusionModel) -> keras.Model:
     A mixed-precision model's weights are float32 already; its 16-bit compute policy is
     dropped, so that exports agree with Keras to float32 accuracy on any runtime.
     """
-    network = model.ema_denoiser
-    if all(layer.compute_dtype == "float32" for layer in network.layers):
-        return network
-
-    def float32_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
-
-    copy = keras.models.clone_model(network, clone_function=float32_layer)
-    copy.set_weights(network.get_weights())
-    return copy
+    return network_with_precision(model.ema_denoiser, "float32")
 
 
 # --- SavedModel ------------------------------------------------------------------------------

@@ -77,6 +77,7 @@ class DiffusionModel(keras.Model):
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._sampler: Sampler | None = None
+        self._sampler_key: tuple | None = None
         self.built = True
 
     # --- Keras plumbing --------------------------------------------------------------------
@@ -309,6 +310,7 @@ class DiffusionModel(keras.Model):
         progress: bool = False,
         jit_compile: bool | str = "auto",
         x_T: np.ndarray | None = None,
+        precision: str | None = None,
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
@@ -319,8 +321,9 @@ class DiffusionModel(keras.Model):
         default, as the paper does). batch_size: images per graph call (default: all); image
         i of a seed is the same whatever the batch size. jit_compile: XLA on or off, or
         "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
-        the seed's (the per-step noise still comes from the seed). The same seed gives the
-        same images.
+        the seed's (the per-step noise still comes from the seed). precision: 'float32' or
+        'bfloat16' to run the network in that precision (weights unchanged); default: as the
+        model was built. The same seed gives the same images.
         """
         plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
         if x_T is not None:
@@ -338,7 +341,7 @@ class DiffusionModel(keras.Model):
             isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
         ):
             raise KddpmError(f"batch_size must be a positive integer (or None for all at once), got {batch_size!r}.")
-        runner = self._get_sampler(use_ema, jit_compile)
+        runner = self._get_sampler(use_ema, jit_compile, precision)
         batch_size = batch_size or num_images
         batches = []
         for start in range(0, num_images, batch_size):
@@ -366,12 +369,40 @@ class DiffusionModel(keras.Model):
             raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
         return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots)
 
-    def _get_sampler(self, use_ema: bool, jit_compile: bool | str) -> Sampler:
+    def _get_sampler(self, use_ema: bool, jit_compile: bool | str, precision: str | None = None) -> Sampler:
         network = self.ema_denoiser if use_ema else self.denoiser
-        cached = self._sampler
-        if cached is None or cached.network is not network or cached.jit_compile != jit_compile:
-            self._sampler = Sampler(network, self.image_shape, jit_compile=jit_compile)
+        key = (use_ema, jit_compile, precision)
+        if self._sampler is None or self._sampler_key != key:
+            copy = network if precision is None else network_with_precision(network, precision)
+            self._sampler = Sampler(copy, self.image_shape, jit_compile=jit_compile)
+            self._sampler_key = key
+        elif self._sampler.network is not network:
+            # A copy in another precision: bring it the weights trained since it was made.
+            self._sampler.network.set_weights(network.get_weights())
         return self._sampler
+
+
+def network_with_precision(network: keras.Model, precision: str) -> keras.Model:
+    """``network`` computing in ``precision`` ('float32' or 'bfloat16'), with the same float32 weights.
+
+    The network is returned as it is when it already computes so; otherwise a copy whose layers
+    take the mixed policy ('mixed_bfloat16') or 'float32'. Output layers stay float32, as the
+    U-Net builds them, so that eps and the sampler's arithmetic are float32 either way.
+    """
+    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}.get(precision)
+    if policy is None:
+        raise KddpmError(f"Unknown sampling precision {precision!r}; use 'float32' or 'bfloat16'.")
+    outputs = {tensor._keras_history.operation.name for tensor in network.outputs}
+    wanted = {layer.name: "float32" if layer.name in outputs else policy for layer in network.layers}
+    if all(layer.dtype_policy.name == wanted[layer.name] for layer in network.layers if layer.weights):
+        return network
+
+    def with_policy(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": wanted[layer.name]})
+
+    copy = keras.models.clone_model(network, clone_function=with_policy)
+    copy.set_weights(network.get_weights())
+    return copy
 
 
 def _reportable(loss: tf.Tensor) -> tf.Tensor:

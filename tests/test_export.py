@@ -283,6 +283,7 @@ def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeyp
     assert not list((tmp_path / "out").glob("*.onnx*"))
 
 
+@pytest.mark.slow
 def test_format_all_publishes_nothing_when_onnx_fails(model, tmp_path, monkeypatch, capsys):
     """The SavedModel passes its check, ONNX fails its own: no new version goes live, and a retry
     does not add one either."""

@@ -38,13 +38,29 @@ SNIPPETS = {
 }
 
 
+SNIPPETS["callbacks = [EvaluateEvery"] = {
+    "replace": [
+        ('PRESETS["demo"]', 'PRESETS["tiny"]'),
+        ("batch_size=64", "batch_size=8"),
+        ("EvaluateEvery(every=5, num_samples=1000)", "EvaluateEvery(every=2, num_samples=20, steps=3)"),
+        ("steps_per_epoch=200, epochs=13", "steps_per_epoch=2, epochs=2"),
+    ],
+    "check": "assert model.optimizer.iterations.numpy() == 4 and 'fid' in model.history.history",
+}
+
+
 def python_blocks(text):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def run_python(code, cwd, timeout=600):
+def run_python(code, cwd, timeout=600, env=None):
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=ENV
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**ENV, **(env or {})},
     )
 
 
@@ -60,7 +76,7 @@ def test_every_readme_python_block_runs_in_a_fresh_process(tmp_path):
         for old, new in entry["replace"]:
             assert old in code, f"{old!r} is no longer in the README block; update the test's substitutions"
             code = code.replace(old, new)
-        done = run_python(code + "\n" + entry["check"] + "\n", tmp_path)
+        done = run_python(code + "\n" + entry["check"] + "\n", tmp_path, env={"KDDPM_CACHE": str(tmp_path / "cache")})
         assert done.returncode == 0, f"README block failed:\n{code}\n{done.stderr[-3000:]}"
 
 

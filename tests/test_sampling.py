@@ -223,3 +223,23 @@ def test_explicit_initial_noise(network, schedule):
     )
     other = model.sample(x_T=np.zeros_like(x_T), seed=4, **settings)
     assert not np.allclose(other, model.sample(3, seed=4, **settings))
+
+
+def test_sampling_in_bfloat16_uses_a_bfloat16_copy_with_current_weights(network, schedule):
+    from kddpm.model import network_with_precision
+
+    model = DiffusionModel(network, schedule)
+    settings = dict(seed=2, sampler="ddim", steps=6, jit_compile=False)
+    float32 = model.sample(3, **settings)
+    bfloat16 = model.sample(3, precision="bfloat16", **settings)
+    assert 0 < np.abs(float32 - bfloat16).max() < 0.5  # bfloat16 rounding, not another model
+    copy = network_with_precision(model.ema_denoiser, "bfloat16")
+    assert copy.get_layer("eps").compute_dtype == "float32"
+    assert {layer.compute_dtype for layer in copy.layers if layer.weights} >= {"bfloat16"}
+    # Weights changed after the copy was made reach it on the next call.
+    model.ema_denoiser.set_weights([w * 0.5 for w in model.ema_denoiser.get_weights()])
+    again = model.sample(3, precision="bfloat16", **settings)
+    np.testing.assert_allclose(again, model.sample(3, **settings), atol=0.1)
+    assert np.abs(again - bfloat16).max() > 1e-3
+    with pytest.raises(KddpmError, match="Unknown sampling precision"):
+        model.sample(2, precision="int8")

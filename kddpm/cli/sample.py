@@ -26,6 +26,12 @@ def add_parser(verbs, common) -> None:
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     add_grid_scale(sample)
     sample.add_argument(
+        "--mixed-precision",
+        choices=["auto", "off", "bfloat16"],
+        help="the network's precision while sampling: off (float32), bfloat16, or auto (bfloat16 where the "
+        "hardware computes it natively); default: as the model was trained",
+    )
+    sample.add_argument(
         "--trajectory",
         action="store_true",
         help="write the paper's Figure 6 instead: per image, a row of x_t and a row of the predicted x0 at 10 points",
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     num = args.num or (4 if args.trajectory else 64)
     print(f"Sampling {num} images with {args.sampler.upper()} ({steps or model.schedule.timesteps} steps)")
     options = dict(seed=args.seed, sampler=args.sampler, steps=steps, eta=args.eta, variance=args.variance)
+    precision = _sampling_precision(args.mixed_precision)
     if args.trajectory:
         shots = model.trajectory(num, clip_x0=args.clip_x0, **options)
         # Rows: image 1's x_t, image 1's predicted x0, image 2's x_t, ...; columns: time.
@@ -59,11 +66,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"Trajectory: {path}")
         return 0
     images = model.sample(
-        num,
-        clip_x0=args.clip_x0,
-        **options,
-        batch_size=args.batch_size,
-        progress=True,
+        num, clip_x0=args.clip_x0, batch_size=args.batch_size, progress=True, precision=precision, **options
     )
     print(f"Samples: {write_grid(images, out, args.grid_scale)}")
     return 0
+
+
+def _sampling_precision(mode: str | None) -> str | None:
+    """--mixed-precision as model.sample's precision (None: as the model was trained)."""
+    if mode is None:
+        return None
+    if mode == "auto":
+        from kddpm.training import native_bfloat16
+
+        native, why = native_bfloat16()
+        print(f"Precision: {'bfloat16' if native else 'float32'} (auto: {why})")
+        return "bfloat16" if native else "float32"
+    return {"off": "float32", "bfloat16": "bfloat16"}[mode]
