@@ -335,12 +335,9 @@ class DiffusionModel(keras.Model):
             if num_images not in (None, len(x_T)):
                 raise KddpmError(f"num_images={num_images} but x_T holds {len(x_T)} images; give one or the other.")
             num_images = len(x_T)
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
-        ):
-            raise KddpmError(f"batch_size must be a positive integer (or None for all at once), got {batch_size!r}.")
+        _check_count("num_images", num_images)
+        if batch_size is not None:
+            _check_count("batch_size", batch_size, " (or None for all at once)")
         runner = self._get_sampler(use_ema, jit_compile, precision)
         batch_size = batch_size or num_images
         batches = []
@@ -365,8 +362,7 @@ class DiffusionModel(keras.Model):
         """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
         weights (see ``Sampler.trajectory``; the options are ``sample``'s)."""
         plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise KddpmError(f"num_images must be a positive integer, got {num_images!r}.")
+        _check_count("num_images", num_images)
         return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots)
 
     def _get_sampler(self, use_ema: bool, jit_compile: bool | str, precision: str | None = None) -> Sampler:
@@ -380,6 +376,11 @@ class DiffusionModel(keras.Model):
             # A copy in another precision: bring it the weights trained since it was made.
             self._sampler.network.set_weights(network.get_weights())
         return self._sampler
+
+
+def _check_count(name: str, value, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise KddpmError(f"{name} must be a positive integer{alternative}, got {value!r}.")
 
 
 def network_with_precision(network: keras.Model, precision: str) -> keras.Model:
