@@ -85,7 +85,9 @@ def feature_extractor(name_or_path: str, weights: str | os.PathLike | None = Non
         path = resources.files("kddpm") / "assets" / FASHION_MNIST_FEATURES
         with resources.as_file(path) as file:
             classifier = keras.models.load_model(file)
-        return _penultimate(classifier, "fashion_mnist", "features")
+            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:12]
+        # Named by its weights' digest, so that a retrained network never reuses old caches.
+        return _penultimate(classifier, f"fashion_mnist@{digest}", "features", named_layer=False)
     if name_or_path == "inception":
         return _inception(weights)
     path = Path(name_or_path).expanduser()
@@ -103,7 +105,7 @@ def feature_extractor(name_or_path: str, weights: str | os.PathLike | None = Non
     return _penultimate(network, f"{path.name}@{digest}", layer)
 
 
-def _penultimate(network: keras.Model, name: str, layer: str | None) -> FeatureExtractor:
+def _penultimate(network: keras.Model, name: str, layer: str | None, named_layer: bool = True) -> FeatureExtractor:
     """The output of ``layer`` (default: the layer before the last) as features."""
     try:
         inputs = network.inputs
@@ -119,7 +121,7 @@ def _penultimate(network: keras.Model, name: str, layer: str | None) -> FeatureE
     if len(input_shape) != 3:
         raise KddpmError(f"The feature model {name} takes inputs {inputs[0].shape}; it must take images [N, H, W, C].")
     features = keras.Model(inputs, output)
-    name = f"{name}:{layer}" if layer else name
+    name = f"{name}:{layer}" if layer and named_layer else name
     return FeatureExtractor(name, features, input_shape, lambda x: x)
 
 

@@ -52,7 +52,7 @@ def test_evaluate_command_writes_every_metric_and_how_to_reproduce_it(tiny_model
     assert metrics["fid"] > 0 and 0 <= metrics["pr"]["precision"] <= 1 and metrics["kid"]["std"] >= 0
     for parts in metrics["bpd"].values():
         assert parts["total"] == pytest.approx(parts["prior"] + parts["kl"] + parts["decoder"])
-    assert settings["extractor"] == "fashion_mnist" and settings["reference"] == "fashion_mnist:test"
+    assert settings["extractor"].startswith("fashion_mnist@") and settings["reference"] == "fashion_mnist:test"
     assert settings["num_samples"] == 60 and settings["steps"] == 3 and settings["seed"] == 0
     assert record["kddpm_version"] and record["seconds"] > 0 and record["model"] == str(tiny_model_file)
     assert "I0000" not in done.stderr and "Traceback" not in done.stderr

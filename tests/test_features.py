@@ -46,13 +46,13 @@ def test_fashion_mnist_features_are_the_penultimate_layer_and_resize_other_sizes
 
 def test_any_keras_model_and_its_errors(tmp_path):
     inputs = keras.Input((8, 8, 1))
-    hidden = keras.layers.Dense(6, name="hidden")(keras.layers.Flatten()(inputs))
+    hidden = keras.layers.Dense(6, name="hidden")(keras.layers.Flatten(name="flat")(inputs))
     model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
     model.save(tmp_path / "net.keras")
     extractor = feature_extractor(str(tmp_path / "net.keras"))
     assert extractor.dimension == 6
     assert extractor(np.zeros((3, 8, 8, 1), np.uint8)).shape == (3, 6)
-    assert feature_extractor(str(tmp_path / "net.keras"), layer="flatten").dimension == 64
+    assert feature_extractor(str(tmp_path / "net.keras"), layer="flat").dimension == 64
     with pytest.raises(KddpmError, match="no usable layer named 'nope'"):
         feature_extractor(str(tmp_path / "net.keras"), layer="nope")
     conv = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3), keras.layers.Conv2D(2, 3)])
