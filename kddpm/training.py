@@ -275,7 +275,9 @@ class TrainingClock(keras.callbacks.Callback):
     """After every epoch, prints one line: the estimated whole training time and what is left.
 
     The estimate is the time so far plus the remaining epochs at the last epoch's pace (which,
-    unlike the first, includes no tracing), so it holds on machines of any speed.
+    unlike the first, includes no tracing), so it holds on machines of any speed. The line is
+    printed when the next epoch begins (or training ends), after Keras' progress bar has
+    finished its own line.
     """
 
     def __init__(self, epochs: int, print_fn=print):
@@ -284,11 +286,13 @@ class TrainingClock(keras.callbacks.Callback):
         self.print_fn = print_fn
         self._started: float | None = None
         self._epoch_started = 0.0
+        self._pending: str | None = None
 
     def on_train_begin(self, logs=None):
         self._started = time.perf_counter()
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._flush()
         self._epoch_started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -296,10 +300,18 @@ class TrainingClock(keras.callbacks.Callback):
         last = now - self._epoch_started
         left = (self.epochs - epoch - 1) * last
         total = now - self._started + left
-        self.print_fn(
+        self._pending = (
             f"Time: epoch {epoch + 1}/{self.epochs} took {last:.0f} s; training about "
             f"{_minutes(total)} in all, {_minutes(left)} left"
         )
+
+    def on_train_end(self, logs=None):
+        self._flush()
+
+    def _flush(self):
+        if self._pending:
+            self.print_fn(self._pending)
+            self._pending = None
 
 
 def _minutes(seconds: float) -> str:
