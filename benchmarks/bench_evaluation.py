@@ -11,7 +11,7 @@ the shipped Fashion-MNIST feature network against the 10k test split:
 * bits/dim of the first ``--bpd-images`` test images, both variances, with the three parts;
 * the floor: the same metrics for ``--samples`` real train images against the test split;
 * with ``--bf16-model``: FID of that (bfloat16-trained) model, and of the float32 model sampled
-  with a bfloat16 network, against the float32 model's, all with DDIM-100 and clipping.
+  with a bfloat16 network, against the float32 model's, all with DDIM (--bf16-steps) and clipping.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def main() -> None:
     parser.add_argument("--ddpm-samples", type=int, default=500)
     parser.add_argument("--bpd-images", type=int, default=256)
     parser.add_argument("--bf16-model")
+    parser.add_argument("--bf16-steps", type=int, default=100, help="DDIM steps of the bfloat16 comparison")
     parser.add_argument("--only", choices=["samplers", "bpd", "floor", "bf16"], action="append")
+    parser.add_argument("--samplers", default="ddim,ddpm", help="which samplers' rows to run (default ddim,ddpm)")
     parser.add_argument("--out", default="benchmarks/results/evaluation.json")
     args = parser.parse_args()
     parts = set(args.only or ["samplers", "bpd", "floor", "bf16"])
@@ -103,8 +105,9 @@ def main() -> None:
     if "samplers" in parts:
         print("| sampler | clip x0 | N | FID | KID | precision / recall | time per 1,000 |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        settings = [("ddim", steps, clip) for steps in (10, 20, 50, 100) for clip in (True, False)]
-        settings += [("ddpm", None, clip) for clip in (True, False)]
+        chosen = args.samplers.split(",")
+        settings = [("ddim", steps, clip) for steps in (10, 20, 50, 100) for clip in (True, False) if "ddim" in chosen]
+        settings += [("ddpm", None, clip) for clip in (True, False) if "ddpm" in chosen]
         for sampler, steps, clip in settings:
             samples = args.ddpm_samples if sampler == "ddpm" else args.samples
             row = sample_scores(model, extractor, samples, sampler, steps, clip)
@@ -124,7 +127,7 @@ def main() -> None:
             ("bfloat16-trained, float32 sampling", bf16_model, "float32"),
             ("float32-trained, bfloat16 sampling", model, "bfloat16"),
         ):
-            row = sample_scores(which, extractor, args.samples, "ddim", 100, True, precision)
+            row = sample_scores(which, extractor, args.samples, "ddim", args.bf16_steps, True, precision)
             row["label"] = label
             results["bf16"].append(row)
             print(label, end=": ")
