@@ -1,4 +1,4 @@
-"""The quickstart notebook runs from top to bottom and shows a sample grid."""
+"""The notebooks run from top to bottom in a fresh kernel and show what they promise."""
 
 from pathlib import Path
 
@@ -6,40 +6,39 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
 
 
-@pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDDPM_QUICKSTART_TINY", "1")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs)
-    assert (tmp_path / "quickstart_samples.png").is_file()
-    assert "loss" in "".join(o.get("text", "") for o in outputs)
-
-
-EVALUATE = Path(__file__).parents[1] / "notebooks" / "evaluate.ipynb"
-
-
-@pytest.mark.slow
-def test_evaluate_notebook_executes(tmp_path, monkeypatch):
-    monkeypatch.setenv("KDDPM_EVALUATE_TINY", "1")
-    monkeypatch.setenv("KDDPM_CACHE", str(tmp_path / "cache"))
-    notebook = nbformat.read(EVALUATE, as_version=4)
+def execute(name, tmp_path, monkeypatch, **env):
+    """Runs notebooks/NAME in a new kernel in tmp_path; returns every code cell's outputs."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(
         notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs) + "".join(
-        o.get("data", {}).get("text/plain", "") for o in outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    return outputs
+
+
+def text_of(outputs):
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    outputs = execute("quickstart.ipynb", tmp_path, monkeypatch, KDDPM_QUICKSTART_TINY="1")
+    assert (tmp_path / "quickstart_samples.png").is_file()
+    assert "loss" in text_of(outputs)
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_executes(tmp_path, monkeypatch):
+    outputs = execute(
+        "evaluate.ipynb", tmp_path, monkeypatch, KDDPM_EVALUATE_TINY="1", KDDPM_CACHE=str(tmp_path / "cache")
     )
     for expected in ("FID", "KID", "precision / recall", "'total'", "'decoder'"):
-        assert expected in text, expected
-    assert any("image/png" in o.get("data", {}) for o in outputs)
+        assert expected in text_of(outputs), expected
     assert (tmp_path / "evaluate_trajectory.png").is_file()
