@@ -47,6 +47,9 @@ def read_metadata(session) -> dict:
             "schedule": json.loads(props["kddpm.schedule"]),
             "image_shape": tuple(int(d) for d in json.loads(props["kddpm.image_shape"])),
             "timesteps": int(props["kddpm.timesteps"]),
+            # Sampling defaults the model carries (a converted diffusers model sets them).
+            "variance": props.get("kddpm.variance", "beta_tilde"),
+            "clip_x0": props.get("kddpm.clip_x0", "false") == "true",
         }
     except (KeyError, ValueError, TypeError) as error:
         raise KddpmOnnxError(f"The file's kddpm metadata is damaged ({error}); export the model again.") from None
@@ -58,6 +61,10 @@ def betas_of(schedule: dict) -> np.ndarray:
     timesteps = int(schedule["timesteps"])
     if schedule["kind"] == "linear":
         return np.linspace(schedule["beta_start"], schedule["beta_end"], timesteps, dtype=np.float64)
+    if schedule["kind"] == "scaled_linear":
+        return np.linspace(schedule["beta_start"] ** 0.5, schedule["beta_end"] ** 0.5, timesteps) ** 2
+    if schedule["kind"] == "custom":
+        return np.asarray(schedule["betas"], dtype=np.float64)
     if schedule["kind"] == "cosine":
         steps = np.arange(timesteps + 1, dtype=np.float64)
         f = np.cos(((steps / timesteps + schedule["s"]) / (1.0 + schedule["s"])) * math.pi / 2.0) ** 2
@@ -117,8 +124,8 @@ def sample(
     sampler: str = "ddpm",
     steps: int | None = None,
     eta: float = 0.0,
-    variance: str = "beta_tilde",
-    clip_x0: bool = False,
+    variance: str | None = None,
+    clip_x0: bool | None = None,
     seed: int = 0,
     x_T: np.ndarray | None = None,
     noise: np.ndarray | None = None,
@@ -126,9 +133,12 @@ def sample(
     """Runs the reverse process with the ONNX denoiser; returns x_0 [B, H, W, C] float32.
 
     x_T: [B, H, W, C] initial noise and noise: [S, B, H, W, C] per-step noise, drawn from
-    numpy's generator seeded with ``seed`` when not given.
+    numpy's generator seeded with ``seed`` when not given. variance and clip_x0 default to
+    the model's own settings (its metadata).
     """
     metadata = read_metadata(session)
+    variance = metadata["variance"] if variance is None else variance
+    clip_x0 = metadata["clip_x0"] if clip_x0 is None else clip_x0
     betas = betas_of(metadata["schedule"])
     taus, coef_x0, coef_xt_eps, sigma = plan(betas, sampler, steps, eta, variance)
     abar = np.cumprod(1.0 - betas)
@@ -197,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    parser.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
+    parser.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
     parser.add_argument(

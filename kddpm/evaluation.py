@@ -51,7 +51,7 @@ def evaluate(
     num_samples: int = 10_000,
     sampler: str = "ddim",
     steps: int | None = 50,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
     reference: str | None = None,
     extractor: str | FeatureExtractor | None = None,
     weights: str | None = None,
@@ -73,6 +73,7 @@ def evaluate(
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
+    clip_x0 = model.clip_x0 if clip_x0 is None else bool(clip_x0)
     metrics = parse_metrics(metrics)
     if num_samples < 2:
         raise KddpmError(f"num_samples must be at least 2, got {num_samples}.")

@@ -65,7 +65,7 @@ def export_model(
     model_name: str = "kddpm",
     version: int | None = None,
     opset: int = DEFAULT_OPSET,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] | None = None,
 ) -> list[ExportResult]:
@@ -145,20 +145,22 @@ def export_saved_model(
     base_dir: str | os.PathLike,
     model_name: str = "kddpm",
     version: int | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
 ) -> ExportResult:
     """Writes ``base_dir/<model_name>/<version>/`` (TF Serving's layout) and returns it.
 
     version: a positive integer; default one more than the highest version already there.
     An existing version is never replaced. clip_x0: whether the ``sample`` signatures clip
-    the predicted x0 to [-1, 1] at each step.
+    the predicted x0 to [-1, 1] at each step (default: the model's ``clip_x0``). DDPM's
+    variance is the model's ``variance``.
     """
     return _stage_saved_model(model, Path(base_dir), model_name, version, clip_x0).publish()
 
 
 def _stage_saved_model(
-    model: DiffusionModel, base_dir: Path, model_name: str, version: int | None, clip_x0: bool
+    model: DiffusionModel, base_dir: Path, model_name: str, version: int | None, clip_x0: bool | None
 ) -> _Staged:
+    clip_x0 = model.clip_x0 if clip_x0 is None else bool(clip_x0)
     final = _saved_model_target(base_dir, model_name, version)
     # Hidden and non-numeric, so TF Serving ignores it until the rename.
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
@@ -193,7 +195,7 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
     timesteps = model.schedule.timesteps
     sampler = Sampler(network, model.image_shape)
     loop = sampler.loop(clip_x0, explicit_noise=False)
-    ddpm = ddpm_plan(model.schedule, clip_x0=clip_x0)
+    ddpm = ddpm_plan(model.schedule, model.variance, clip_x0=clip_x0)
     alphas_cumprod = model.schedule.alphas_cumprod
 
     shape_text = ", ".join(map(str, model.image_shape))
@@ -352,6 +354,8 @@ def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
         "kddpm.schedule": json.dumps(model.schedule.get_config()),
         "kddpm.image_shape": json.dumps(list(model.image_shape)),
         "kddpm.timesteps": str(model.schedule.timesteps),
+        "kddpm.variance": model.variance,
+        "kddpm.clip_x0": "true" if model.clip_x0 else "false",
     }
 
 

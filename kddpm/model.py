@@ -16,7 +16,7 @@ import tensorflow as tf
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
-from kddpm.sampling import Sampler, make_plan
+from kddpm.sampling import VARIANCES, Sampler, SamplingPlan, make_plan
 from kddpm.schedule import NoiseSchedule
 from kddpm.streams import example_integers, example_keys, example_normals, fold_in
 
@@ -44,6 +44,9 @@ class DiffusionModel(keras.Model):
             reproducible and the same on one device or several replicas and workers. (The
             denoiser's initial weights are its own: ``build_unet(seed=...)``.)
         image_shape: (H, W, C); read from ``denoiser.inputs`` when it is a functional model.
+        variance: DDPM's default sampling variance sigma_t^2, 'beta_tilde' (the default) or 'beta'.
+        clip_x0: whether sampling clips the predicted x0 to [-1, 1] unless told otherwise
+            (default False; a converted diffusers model takes its scheduler's ``clip_sample``).
     """
 
     def __init__(
@@ -55,9 +58,15 @@ class DiffusionModel(keras.Model):
         clip_grad_norm: float | None = 1.0,
         seed: int = 0,
         image_shape: tuple[int, int, int] | None = None,
+        variance: str = "beta_tilde",
+        clip_x0: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if variance not in VARIANCES:
+            raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
+        self.variance = variance
+        self.clip_x0 = bool(clip_x0)
         if not 0.0 <= ema_decay < 1.0:
             raise KddpmError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.denoiser = denoiser
@@ -127,6 +136,8 @@ class DiffusionModel(keras.Model):
             "clip_grad_norm": self.clip_grad_norm,
             "seed": self.seed,
             "image_shape": list(self.image_shape),
+            "variance": self.variance,
+            "clip_x0": self.clip_x0,
         }
 
     @classmethod
@@ -304,7 +315,7 @@ class DiffusionModel(keras.Model):
         steps: int | None = None,
         eta: float | None = None,
         variance: str | None = None,
-        clip_x0: bool = False,
+        clip_x0: bool | None = None,
         use_ema: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
@@ -314,18 +325,18 @@ class DiffusionModel(keras.Model):
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
-        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``: 'beta_tilde', the
-        default, or 'beta') or 'ddim' (``steps`` steps, default 50, stochasticity ``eta``,
-        default 0). An option that does not apply to the sampler is an error. clip_x0: clip
-        the predicted x0 to [-1, 1] at every step. use_ema: sample with the EMA weights (the
-        default, as the paper does). batch_size: images per graph call (default: all); image
+        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``, 'beta_tilde' or
+        'beta', default the model's ``variance``) or 'ddim' (``steps`` steps, default 50,
+        stochasticity ``eta``, default 0). An option that does not apply to the sampler is an
+        error. clip_x0: clip the predicted x0 to [-1, 1] at every step (default: the model's
+        ``clip_x0``). use_ema: sample with the EMA weights (the default, as the paper does). batch_size: images per graph call (default: all); image
         i of a seed is the same whatever the batch size. jit_compile: XLA on or off, or
         "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
         the seed's (the per-step noise still comes from the seed). precision: 'float32' or
         'bfloat16' to run the network in that precision (weights unchanged); default: as the
         model was built. The same seed gives the same images.
         """
-        plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
+        plan = self.plan(sampler, steps, eta, variance, clip_x0)
         if x_T is not None:
             x_T = np.asarray(x_T, np.float32)
             if x_T.ndim != 4 or x_T.shape[1:] != self.image_shape or len(x_T) == 0:
@@ -356,14 +367,27 @@ class DiffusionModel(keras.Model):
         steps: int | None = None,
         eta: float | None = None,
         variance: str | None = None,
-        clip_x0: bool = False,
+        clip_x0: bool | None = None,
         snapshots: int = 10,
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
         weights (see ``Sampler.trajectory``; the options are ``sample``'s)."""
-        plan = make_plan(self.schedule, sampler, steps, eta, variance, clip_x0)
+        plan = self.plan(sampler, steps, eta, variance, clip_x0)
         _check_count("num_images", num_images)
         return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots)
+
+    def plan(
+        self,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: float | None = None,
+        variance: str | None = None,
+        clip_x0: bool | None = None,
+    ) -> SamplingPlan:
+        """``make_plan`` with this model's schedule, its default variance (DDPM) and clip_x0."""
+        if variance is None and sampler == "ddpm":
+            variance = self.variance
+        return make_plan(self.schedule, sampler, steps, eta, variance, self.clip_x0 if clip_x0 is None else clip_x0)
 
     def _get_sampler(self, use_ema: bool, jit_compile: bool | str, precision: str | None = None) -> Sampler:
         network = self.ema_denoiser if use_ema else self.denoiser

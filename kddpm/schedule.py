@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from kddpm.errors import KddpmError
 
-_SCHEDULE_KINDS = ("linear", "cosine")
+_SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine", "custom")
 
 
 class NoiseSchedule:
@@ -26,7 +26,8 @@ class NoiseSchedule:
     ``posterior_variance``, ``posterior_log_variance_clipped``, ``posterior_mean_coef1``,
     ``posterior_mean_coef2``. ``tensor(name)`` returns one as a float32 tensor.
 
-    Build one with ``NoiseSchedule.linear(...)`` or ``NoiseSchedule.cosine(...)``.
+    Build one with ``NoiseSchedule.linear(...)``, ``NoiseSchedule.cosine(...)``,
+    ``NoiseSchedule.scaled_linear(...)`` or ``NoiseSchedule.from_betas(betas)``.
     """
 
     def __init__(self, kind: str = "linear", timesteps: int = 1000, **params: float):
@@ -36,12 +37,21 @@ class NoiseSchedule:
             raise KddpmError(f"timesteps must be at least 2, got {timesteps}.")
         self.kind = kind
         self.timesteps = int(timesteps)
-        if kind == "linear":
+        if kind in ("linear", "scaled_linear"):
             self.params = {
                 "beta_start": float(params.pop("beta_start", 1e-4)),
                 "beta_end": float(params.pop("beta_end", 0.02)),
             }
-            betas = np.linspace(self.params["beta_start"], self.params["beta_end"], self.timesteps, dtype=np.float64)
+            start, end = self.params["beta_start"], self.params["beta_end"]
+            if kind == "linear":
+                betas = np.linspace(start, end, self.timesteps, dtype=np.float64)
+            else:  # evenly spaced in sqrt(beta), Stable Diffusion's schedule
+                betas = np.linspace(start**0.5, end**0.5, self.timesteps, dtype=np.float64) ** 2
+        elif kind == "custom":
+            betas = np.asarray(params.pop("betas", ()), dtype=np.float64)
+            if betas.shape != (self.timesteps,):
+                raise KddpmError(f"A custom schedule needs {self.timesteps} betas, got shape {betas.shape}.")
+            self.params = {"betas": betas.tolist()}
         else:
             self.params = {"s": float(params.pop("s", 0.008))}
             betas = _cosine_betas(self.timesteps, self.params["s"])
@@ -55,6 +65,19 @@ class NoiseSchedule:
     def linear(cls, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """The paper's schedule: betas evenly spaced from ``beta_start`` to ``beta_end``."""
         return cls("linear", timesteps, beta_start=beta_start, beta_end=beta_end)
+
+    @classmethod
+    def scaled_linear(
+        cls, timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+    ) -> NoiseSchedule:
+        """sqrt(beta) evenly spaced from sqrt(``beta_start``) to sqrt(``beta_end``)."""
+        return cls("scaled_linear", timesteps, beta_start=beta_start, beta_end=beta_end)
+
+    @classmethod
+    def from_betas(cls, betas) -> NoiseSchedule:
+        """A schedule given by its T betas ([T] floats in (0, 1)), e.g. a checkpoint's trained betas."""
+        betas = np.asarray(betas, dtype=np.float64)
+        return cls("custom", len(betas), betas=betas)
 
     @classmethod
     def cosine(cls, timesteps: int = 1000, s: float = 0.008) -> NoiseSchedule:
@@ -168,7 +191,8 @@ class NoiseSchedule:
         return cls(config.pop("kind"), config.pop("timesteps"), **config)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v}" for k, v in self.get_config().items())
+        shown = {k: v for k, v in self.get_config().items() if k != "betas"}
+        params = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"NoiseSchedule({params})"
 
 

@@ -134,6 +134,7 @@ def build_unet(
     norm_groups: int = 32,
     name: str = "unet",
     seed: int | None = None,
+    norm_epsilon: float = 1e-6,
 ) -> keras.Model:
     """The paper's noise-prediction network eps_theta(x_t, t).
 
@@ -147,6 +148,10 @@ def build_unet(
         norm_groups: GroupNorm groups (the paper: 32); must divide every level's channels.
         seed: an int makes the initial weights a function of it alone; None draws them from
             Keras' global generator (``keras.utils.set_random_seed``), as any Keras layer does.
+        norm_epsilon: the GroupNorm epsilon (the paper's code: 1e-6).
+
+    Layers are named after their place, e.g. ``down_1_res_0_conv1``, ``mid_attn_q``,
+    ``up_2_attn_1_out``: ``kddpm.interop`` maps those names to diffusers' parameter names.
 
     Returns:
         A functional ``keras.Model`` with inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B]
@@ -186,11 +191,11 @@ def build_unet(
     x_t = keras.Input(shape=(height, width, channels), dtype="float32", name="x_t")
     t = keras.Input(shape=(), dtype="int32", name="t")
 
-    block = _Blocks(dropout, norm_groups, seed)
+    block = _Blocks(dropout, norm_groups, seed, norm_epsilon)
     time_channels = 4 * base_channels
     temb = SinusoidalEmbedding(base_channels, name="time_sinusoidal")(t)
     temb = block.dense(time_channels, name="time_dense_0")(temb)
-    temb = keras.layers.Activation("silu")(temb)
+    temb = keras.layers.Activation("silu", name="time_silu")(temb)
     temb = block.dense(time_channels, name="time_dense_1")(temb)
     # Every residual block reads swish(temb); computing it once changes nothing in the maths.
     temb = keras.layers.Activation("silu", name="time_embedding")(temb)
@@ -198,31 +203,31 @@ def build_unet(
     h = block.conv(base_channels, 3, padding="same", name="conv_in")(x_t)
     skips = [h]
     for level, mult in enumerate(channel_mults):
-        for _ in range(num_res_blocks):
-            h = block.res(h, temb, base_channels * mult)
+        for i in range(num_res_blocks):
+            h = block.res(h, temb, base_channels * mult, f"down_{level}_res_{i}")
             if h.shape[1] in attention_resolutions:
-                h = block.attention(h)
+                h = block.attention(h, f"down_{level}_attn_{i}")
             skips.append(h)
         if level != levels - 1:
             h = block.conv(h.shape[-1], 3, strides=2, padding="same", name=f"down_{level}")(h)
             skips.append(h)
 
-    h = block.res(h, temb, h.shape[-1])
-    h = block.attention(h)
-    h = block.res(h, temb, h.shape[-1])
+    h = block.res(h, temb, h.shape[-1], "mid_res_0")
+    h = block.attention(h, "mid_attn")
+    h = block.res(h, temb, h.shape[-1], "mid_res_1")
 
     for level in reversed(range(levels)):
-        for _ in range(num_res_blocks + 1):
-            h = keras.layers.Concatenate()([h, skips.pop()])
-            h = block.res(h, temb, base_channels * channel_mults[level])
+        for i in range(num_res_blocks + 1):
+            h = keras.layers.Concatenate(name=f"up_{level}_skip_{i}")([h, skips.pop()])
+            h = block.res(h, temb, base_channels * channel_mults[level], f"up_{level}_res_{i}")
             if h.shape[1] in attention_resolutions:
-                h = block.attention(h)
+                h = block.attention(h, f"up_{level}_attn_{i}")
         if level != 0:
             h = keras.layers.UpSampling2D(2, interpolation="nearest", name=f"up_{level}")(h)
             h = block.conv(h.shape[-1], 3, padding="same", name=f"up_{level}_conv")(h)
 
-    h = GroupNorm(norm_groups, name="norm_out")(h)
-    h = keras.layers.Activation("silu")(h)
+    h = GroupNorm(norm_groups, norm_epsilon, name="norm_out")(h)
+    h = keras.layers.Activation("silu", name="out_silu")(h)
     eps = block.conv(channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps")(h)
     return keras.Model(inputs=[x_t, t], outputs=eps, name=name)
 
@@ -230,9 +235,10 @@ def build_unet(
 class _Blocks:
     """Builders for the U-Net's repeated blocks; they only wire built-in layers together."""
 
-    def __init__(self, dropout: float, norm_groups: int, seed: int | None = None):
+    def __init__(self, dropout: float, norm_groups: int, seed: int | None = None, norm_epsilon: float = 1e-6):
         self.dropout = dropout
         self.norm_groups = norm_groups
+        self.norm_epsilon = norm_epsilon
         self.seed = seed
         self._layers_seeded = 0
         self._dropout_layers = 0
@@ -252,42 +258,46 @@ class _Blocks:
         kwargs.setdefault("kernel_initializer", keras.initializers.GlorotUniform(seed=self._next_seed()))
         return keras.layers.Dense(units, **kwargs)
 
-    def _norm(self, h):
-        return GroupNorm(self.norm_groups)(h)
+    def _norm(self, h, name: str):
+        return GroupNorm(self.norm_groups, self.norm_epsilon, name=name)(h)
 
-    def res(self, x, temb, out_channels: int):
+    def res(self, x, temb, out_channels: int, name: str):
         """GroupNorm -> swish -> conv3x3, + dense(temb), GroupNorm -> swish -> dropout -> conv3x3."""
-        h = keras.layers.Activation("silu")(self._norm(x))
-        h = self.conv(out_channels, 3, padding="same")(h)
-        time = self.dense(out_channels)(temb)
-        h = keras.layers.Add()([h, keras.layers.Reshape((1, 1, out_channels))(time)])
-        h = keras.layers.Activation("silu")(self._norm(h))
+        h = keras.layers.Activation("silu", name=f"{name}_silu1")(self._norm(x, f"{name}_norm1"))
+        h = self.conv(out_channels, 3, padding="same", name=f"{name}_conv1")(h)
+        time = self.dense(out_channels, name=f"{name}_time")(temb)
+        time = keras.layers.Reshape((1, 1, out_channels), name=f"{name}_time_map")(time)
+        h = keras.layers.Add(name=f"{name}_add_time")([h, time])
+        h = keras.layers.Activation("silu", name=f"{name}_silu2")(self._norm(h, f"{name}_norm2"))
         if self.dropout:
             self._dropout_layers += 1
-            h = ExampleDropout(self.dropout, stream=self._dropout_layers, seed=self._next_seed())(h)
+            h = ExampleDropout(
+                self.dropout, stream=self._dropout_layers, seed=self._next_seed(), name=f"{name}_dropout"
+            )(h)
         # The residual branch starts at zero so that each block begins as the identity.
-        h = self.conv(out_channels, 3, padding="same", kernel_initializer="zeros")(h)
+        h = self.conv(out_channels, 3, padding="same", kernel_initializer="zeros", name=f"{name}_conv2")(h)
         if x.shape[-1] != out_channels:
-            x = self.conv(out_channels, 1)(x)
-        return keras.layers.Add()([x, h])
+            x = self.conv(out_channels, 1, name=f"{name}_shortcut")(x)
+        return keras.layers.Add(name=f"{name}_out")([x, h])
 
-    def attention(self, x):
+    def attention(self, x, name: str):
         """Single-head self-attention over the H*W positions, added to the un-normalised input.
 
         q, k, v and the output projection are the original code's four 1x1 "NIN" layers; the
         scores q k^T are scaled by C ** -0.5 (folded into q) before the softmax.
         """
         height, width, channels = x.shape[1:]
-        h = keras.layers.Reshape((height * width, channels))(self._norm(x))
-        query = keras.layers.Rescaling(channels**-0.5)(self.dense(channels)(h))
-        key = self.dense(channels)(h)
-        value = self.dense(channels)(h)
-        h = keras.layers.Attention()([query, value, key])
+        h = keras.layers.Reshape((height * width, channels), name=f"{name}_flatten")(self._norm(x, f"{name}_norm"))
+        query = self.dense(channels, name=f"{name}_q")(h)
+        query = keras.layers.Rescaling(channels**-0.5, name=f"{name}_scale")(query)
+        key = self.dense(channels, name=f"{name}_k")(h)
+        value = self.dense(channels, name=f"{name}_v")(h)
+        h = keras.layers.Attention(name=f"{name}_softmax")([query, value, key])
         # The output projection starts at zero (the original code's proj_out, init_scale=0), so
         # that each attention block begins as the identity, like the residual blocks.
-        h = self.dense(channels, kernel_initializer="zeros")(h)
-        h = keras.layers.Reshape((height, width, channels))(h)
-        return keras.layers.Add()([x, h])
+        h = self.dense(channels, kernel_initializer="zeros", name=f"{name}_out")(h)
+        h = keras.layers.Reshape((height, width, channels), name=f"{name}_unflatten")(h)
+        return keras.layers.Add(name=f"{name}_residual")([x, h])
 
 
 def _round_up(value: int, factor: int) -> int:

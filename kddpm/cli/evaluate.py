@@ -25,7 +25,11 @@ def add_parser(verbs, common) -> None:
     evaluate.add_argument("--num-samples", type=int, default=10_000, help="generated images (default 10000)")
     evaluate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="default ddim")
     evaluate.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM takes all T")
-    evaluate.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
+    evaluate.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
+    )
     evaluate.add_argument(
         "--reference",
         help="real images: fashion_mnist:test (default for Fashion-MNIST-shaped models), fashion_mnist:train, "

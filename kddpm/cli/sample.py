@@ -21,7 +21,11 @@ def add_parser(verbs, common) -> None:
     sample.add_argument(
         "--variance", choices=["beta_tilde", "beta"], help="DDPM's sigma^2 (default beta_tilde); DDPM only"
     )
-    sample.add_argument("--clip-x0", action="store_true", help="clip the predicted x0 to [-1, 1] at each step")
+    sample.add_argument(
+        "--clip-x0",
+        action=argparse.BooleanOptionalAction,
+        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
+    )
     sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     add_grid_scale(sample)
