@@ -602,6 +602,8 @@ def diffusers_scheduler_config(model: DiffusionModel) -> dict[str, Any]:
         "clip_sample_range": 1.0,
         "prediction_type": "epsilon",
         "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "sample_max_value": 1.0,
         "timestep_spacing": "leading",
         "steps_offset": 0,
         "rescale_betas_zero_snr": False,

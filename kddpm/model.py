@@ -329,8 +329,9 @@ class DiffusionModel(keras.Model):
         'beta', default the model's ``variance``) or 'ddim' (``steps`` steps, default 50,
         stochasticity ``eta``, default 0). An option that does not apply to the sampler is an
         error. clip_x0: clip the predicted x0 to [-1, 1] at every step (default: the model's
-        ``clip_x0``). use_ema: sample with the EMA weights (the default, as the paper does). batch_size: images per graph call (default: all); image
-        i of a seed is the same whatever the batch size. jit_compile: XLA on or off, or
+        ``clip_x0``). use_ema: sample with the EMA weights (the default, as the paper does).
+        batch_size: images per graph call (default: all); image i of a seed is the same
+        whatever the batch size. jit_compile: XLA on or off, or
         "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
         the seed's (the per-step noise still comes from the seed). precision: 'float32' or
         'bfloat16' to run the network in that precision (weights unchanged); default: as the

@@ -6,10 +6,10 @@ import argparse
 import sys
 import traceback
 
-from kddpm.cli import evaluate, export, sample, train
+from kddpm.cli import convert, evaluate, export, sample, train
 from kddpm.cli.common import verbose_flag
 
-VERBS = (train, sample, evaluate, export)
+VERBS = (train, sample, evaluate, export, convert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,68 @@
+"""``kddpm convert``: diffusers DDPM checkpoints to a kddpm ``.keras`` file, and back."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(verbs, common) -> None:
+    convert = verbs.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a diffusers DDPM checkpoint to kddpm, or a kddpm model to diffusers",
+        description="--from-diffusers SRC --out FILE.keras reads a diffusers pipeline or model folder (e.g. a "
+        "download of google/ddpm-cifar10-32); --to-diffusers --model RUN_OR_FILE --out DIR writes a "
+        "DDPMPipeline folder (EMA weights, safetensors) that diffusers.DDPMPipeline.from_pretrained loads.",
+    )
+    direction = convert.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-diffusers", metavar="SRC", help="a diffusers pipeline or UNet2DModel folder")
+    direction.add_argument("--to-diffusers", action="store_true", help="write --model in the diffusers format")
+    convert.add_argument("--model", help="with --to-diffusers: a run folder or .keras file")
+    convert.add_argument("--out", required=True, help="FILE.keras (--from-diffusers) or a folder (--to-diffusers)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    convert.add_argument(
+        "--trained-weights", action="store_true", help="with --to-diffusers: the trained weights, not the EMA ones"
+    )
+    convert.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kddpm.errors import KddpmError
+
+    out = Path(args.out)
+    if args.from_diffusers:
+        if args.model or args.trained_weights:
+            raise KddpmError("--model and --trained-weights go with --to-diffusers; --from-diffusers reads SRC.")
+        if out.suffix != ".keras":
+            raise KddpmError(f"--out {out} must end in .keras (a kddpm model file).")
+        if out.exists() and not args.overwrite:
+            raise KddpmError(f"{out} already exists; choose another --out or pass --overwrite.")
+        from kddpm.cli.common import save_atomically
+        from kddpm.interop import from_diffusers
+
+        print(f"Reading {args.from_diffusers}")
+        model = from_diffusers(args.from_diffusers, log=print)
+        _describe(model)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_atomically(model, out)
+        print(f"Converted: {out}")
+        return 0
+    if not args.model:
+        raise KddpmError("--to-diffusers needs --model RUN_OR_FILE (a run folder or .keras file).")
+    from kddpm.interop import to_diffusers
+    from kddpm.model import load_diffusion_model
+
+    model = load_diffusion_model(args.model)
+    _describe(model)
+    path = to_diffusers(model, out, use_ema=not args.trained_weights, overwrite=args.overwrite)
+    print(f"Converted: {path} (load it with diffusers.DDPMPipeline.from_pretrained)")
+    return 0
+
+
+def _describe(model) -> None:
+    height, width, channels = model.image_shape
+    print(
+        f"Model: {model.denoiser.count_params():,} parameters, {height}x{width}x{channels} images, {model.schedule}, "
+        f"DDPM variance {model.variance}, clip_x0 {'on' if model.clip_x0 else 'off'}"
+    )
