@@ -249,7 +249,7 @@ def test_not_a_diffusers_folder_and_damaged_files_get_clear_errors(tmp_path):
     with pytest.raises(KddpmError, match="damaged or truncated"):
         from_diffusers(folder)
     weights.unlink()
-    with pytest.raises(KddpmError, match="no diffusion_pytorch_model.safetensors"):
+    with pytest.raises(KddpmError, match=r"no diffusion_pytorch_model\.safetensors"):
         from_diffusers(folder)
 
 
