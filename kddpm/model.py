@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 import zlib
@@ -18,13 +19,14 @@ import kddpm.unet  # noqa: F401
 from kddpm.errors import KddpmError
 from kddpm.sampling import VARIANCES, Sampler, SamplingPlan, make_plan
 from kddpm.schedule import NoiseSchedule
-from kddpm.streams import example_integers, example_keys, example_normals, fold_in
+from kddpm.streams import example_integers, example_keys, example_normals, example_uniforms, fold_in
 
 # Training images must lie in [-1, 1]; this bound only catches data that was never scaled
 # (0..255, or standardised with large outliers), leaving room for resampling overshoot.
 _MAX_ABS_PIXEL = 1.5
 _OUT_OF_RANGE = "Training images lie far outside [-1, 1]; scale them to [-1, 1] (x / 127.5 - 1 for 0..255 data)."
 _OUT_OF_RANGE_KEY = "data_out_of_range"
+_BAD_LABELS_KEY = "labels_out_of_range"
 
 
 @keras.saving.register_keras_serializable(package="kddpm")
@@ -47,6 +49,13 @@ class DiffusionModel(keras.Model):
         variance: DDPM's default sampling variance sigma_t^2, 'beta_tilde' (the default) or 'beta'.
         clip_x0: whether sampling clips the predicted x0 to [-1, 1] unless told otherwise
             (default False; a converted diffusers model takes its scheduler's ``clip_sample``).
+        num_classes: K for a class-conditional denoiser ``[x_t, t, label] -> eps`` (build_unet's
+            ``num_classes``); read from the denoiser when left out. Training data is then
+            (images, labels) with labels in [0, K).
+        label_dropout: the probability with which a training label is replaced by the null
+            label K, so that one network learns eps(x_t, t, c) and eps(x_t, t) (classifier-free
+            guidance). Drawn from (seed, step, position in the global batch) like the noise.
+        class_names: K names, so that samples can be asked for by name (``class_index``).
     """
 
     def __init__(
@@ -60,6 +69,9 @@ class DiffusionModel(keras.Model):
         image_shape: tuple[int, int, int] | None = None,
         variance: str = "beta_tilde",
         clip_x0: bool = False,
+        num_classes: int | None = None,
+        label_dropout: float = 0.1,
+        class_names: list[str] | None = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -76,7 +88,12 @@ class DiffusionModel(keras.Model):
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.seed = int(seed)
         self.image_shape = _image_shape_of(denoiser, image_shape)
-        self.ema_denoiser = _copy_network(denoiser, self.image_shape)
+        self.num_classes = _num_classes_of(denoiser, num_classes)
+        if not 0.0 <= label_dropout < 1.0:
+            raise KddpmError(f"label_dropout must be in [0, 1), got {label_dropout}.")
+        self.label_dropout = float(label_dropout)
+        self.class_names = _checked_class_names(class_names, self.num_classes)
+        self.ema_denoiser = _copy_network(denoiser, self.image_shape, self.num_classes)
         self.ema_denoiser.trainable = False
         # Data batches trained on (skipped float16 steps included): keys the training noise and
         # says where a resumed run's data stream continues. optimizer.iterations is not it: a
@@ -92,11 +109,11 @@ class DiffusionModel(keras.Model):
     # --- Keras plumbing --------------------------------------------------------------------
 
     def call(self, inputs, training=False):
-        """eps_theta([x_t, t]) with the trained (not EMA) weights; t must lie in [0, T)."""
-        x_t, t = inputs
+        """eps_theta([x_t, t]) (or [x_t, t, label]) with the trained (not EMA) weights; t must lie in [0, T)."""
+        x_t, t, *label = inputs
         if not isinstance(t, keras.KerasTensor):  # symbolic calls carry no values to check
             t = self.schedule.checked_timesteps(t)
-        return self.denoiser([x_t, t], training=training)
+        return self.denoiser([x_t, t, *label], training=training)
 
     def compile(self, optimizer="adam", **kwargs: Any) -> None:
         """Keras' compile; the loss is L_simple, so only the optimizer (and options) are taken."""
@@ -138,6 +155,9 @@ class DiffusionModel(keras.Model):
             "image_shape": list(self.image_shape),
             "variance": self.variance,
             "clip_x0": self.clip_x0,
+            "num_classes": self.num_classes,
+            "label_dropout": self.label_dropout,
+            "class_names": self.class_names,
         }
 
     @classmethod
@@ -151,17 +171,23 @@ class DiffusionModel(keras.Model):
     # --- Algorithm 1 -----------------------------------------------------------------------
 
     def train_step(self, data):
-        images = self._images(data)
+        images, labels = self._images_and_labels(data)
         key = self._training_key()
         first = self._first_example(images)
         t, noise = self._draw_t_and_noise(images, key, first)
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        in_range = tf.reduce_max(tf.abs(images)) <= _MAX_ABS_PIXEL
+        images_valid = tf.reduce_max(tf.abs(images)) <= _MAX_ABS_PIXEL
+        labels_valid = tf.constant(True)
+        conditions = []
+        if labels is not None:
+            labels_valid = tf.reduce_all((labels >= 0) & (labels < self.num_classes))
+            conditions = [self._drop_labels(labels, key, first)]
+        in_range = images_valid & labels_valid
 
         def update():
             x_t = self.schedule.q_sample(images, t, noise)
             with tf.GradientTape() as tape, example_keys(fold_in(key, 3), first):
-                eps = tf.cast(self.denoiser([x_t, t], training=True), tf.float32)
+                eps = tf.cast(self.denoiser([x_t, t, *conditions], training=True), tf.float32)
                 loss = tf.reduce_mean(tf.square(noise - eps))
                 # Gradients are summed over replicas: dividing each replica's mean by their
                 # number makes the sum the gradient of the global-batch mean.
@@ -182,14 +208,31 @@ class DiffusionModel(keras.Model):
         else:
             # A merge_call (optimizer, EMA) cannot sit in a cond branch; the assert holds
             # without XLA, which Keras leaves off under strategies.
-            check = tf.debugging.Assert(in_range, [_OUT_OF_RANGE])
-            with tf.control_dependencies([check]):
+            checks = [
+                tf.debugging.Assert(images_valid, [_OUT_OF_RANGE]),
+                tf.debugging.Assert(labels_valid, [self._bad_labels_message()]),
+            ]
+            with tf.control_dependencies(checks):
                 loss = update()
         self.loss_tracker.update_state(loss)
         return {
             "loss": _reportable(self.loss_tracker.result()),
-            _OUT_OF_RANGE_KEY: _reportable(1.0 - tf.cast(in_range, tf.float32)),
+            _OUT_OF_RANGE_KEY: _reportable(1.0 - tf.cast(images_valid, tf.float32)),
+            _BAD_LABELS_KEY: _reportable(1.0 - tf.cast(labels_valid, tf.float32)),
         }
+
+    def _bad_labels_message(self) -> str:
+        return (
+            f"Training labels must be class indices in [0, {self.num_classes}) for this {self.num_classes}-class "
+            "model; check the dataset's labels or build the model with more classes."
+        )
+
+    def _drop_labels(self, labels: tf.Tensor, key: tf.Tensor, first) -> tf.Tensor:
+        """Each label replaced by the null label K with probability label_dropout, keyed like the noise."""
+        if not self.label_dropout:
+            return labels
+        uniform = example_uniforms(fold_in(key, 4), first, tf.shape(labels)[0], ())
+        return tf.where(uniform < self.label_dropout, tf.fill(tf.shape(labels), self.num_classes), labels)
 
     def make_train_function(self, force=False):
         """Keras' train function, raising KddpmError after a step that saw out-of-range data."""
@@ -202,11 +245,14 @@ class DiffusionModel(keras.Model):
             try:
                 logs = dict(step(iterator))
             except tf.errors.InvalidArgumentError as error:
-                if _OUT_OF_RANGE in str(error):
-                    raise KddpmError(_OUT_OF_RANGE) from None
+                for message in (_OUT_OF_RANGE, self._bad_labels_message()):
+                    if message in str(error):
+                        raise KddpmError(message) from None
                 raise
             if float(tf.reduce_max(logs.pop(_OUT_OF_RANGE_KEY))) > 0:
                 raise KddpmError(_OUT_OF_RANGE)
+            if float(tf.reduce_max(logs.pop(_BAD_LABELS_KEY))) > 0:
+                raise KddpmError(self._bad_labels_message())
             return logs
 
         self.train_function = checked
@@ -214,12 +260,13 @@ class DiffusionModel(keras.Model):
 
     def test_step(self, data):
         """L_simple on validation data, with noise that depends only on the batch's content."""
-        images = self._images(data)
+        images, labels = self._images_and_labels(data)
         fingerprint = tf.cast(tf.reduce_sum(tf.abs(images)) * 1024.0, tf.int64)
         key = tf.stack([tf.constant(self.seed ^ 0x5EED, tf.int64), fingerprint])
         t, noise = self._draw_t_and_noise(images, key, self._first_example(images))
         x_t = self.schedule.q_sample(images, t, noise)
-        eps = tf.cast(self.denoiser([x_t, t], training=False), tf.float32)
+        conditions = [] if labels is None else [tf.clip_by_value(labels, 0, self.num_classes)]
+        eps = tf.cast(self.denoiser([x_t, t, *conditions], training=False), tf.float32)
         self.loss_tracker.update_state(tf.reduce_mean(tf.square(noise - eps)))
         return {"loss": _reportable(self.loss_tracker.result())}
 
@@ -246,6 +293,22 @@ class DiffusionModel(keras.Model):
         t = example_integers(fold_in(key, 1), first, local, self.schedule.timesteps)
         noise = example_normals(fold_in(key, 2), first, local, self.image_shape)
         return t, noise
+
+    def _images_and_labels(self, data) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """The image batch of ``data`` and, for a conditional model, its int32 labels [B]."""
+        images = self._images(data)
+        if self.num_classes is None:
+            return images, None
+        if not isinstance(data, (tuple, list)) or len(data) < 2 or data[1] is None:
+            raise KddpmError(
+                f"This model is class-conditional ({self.num_classes} classes): train it on (images, labels) "
+                "pairs, e.g. kddpm.load_dataset(...) with its labels, not on images alone."
+            )
+        labels = data[1]
+        if not labels.dtype.is_integer:
+            raise KddpmError(f"Labels are {labels.dtype.name}; give integer class indices in [0, {self.num_classes}).")
+        labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+        return images, labels
 
     def _images(self, data) -> tf.Tensor:
         """The image batch of ``data`` (images, or (images, labels)), checked against the network."""
@@ -322,6 +385,8 @@ class DiffusionModel(keras.Model):
         jit_compile: bool | str = "auto",
         x_T: np.ndarray | None = None,
         precision: str | None = None,
+        labels: int | str | np.ndarray | list | None = None,
+        guidance_scale: float = 0.0,
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
@@ -336,6 +401,12 @@ class DiffusionModel(keras.Model):
         the seed's (the per-step noise still comes from the seed). precision: 'float32' or
         'bfloat16' to run the network in that precision (weights unchanged); default: as the
         model was built. The same seed gives the same images.
+
+        Class-conditional models: labels, one class (index or name) for every image or [N] of
+        them, in [0, K) (K, the null label, asks for an unconditional image); None: all
+        unconditional. guidance_scale: w >= 0 of classifier-free guidance, eps = (1 + w)
+        eps(x_t, t, c) - w eps(x_t, t, null), one network call on the doubled batch per step;
+        0 (the default): plain conditional sampling, one call on the batch itself.
         """
         plan = self.plan(sampler, steps, eta, variance, clip_x0)
         if x_T is not None:
@@ -350,15 +421,69 @@ class DiffusionModel(keras.Model):
         _check_count("num_images", num_images)
         if batch_size is not None:
             _check_count("batch_size", batch_size, " (or None for all at once)")
+        labels = self.label_array(labels, num_images, guidance_scale)
         runner = self._get_sampler(use_ema, jit_compile, precision)
         batch_size = batch_size or num_images
         batches = []
         for start in range(0, num_images, batch_size):
             count = min(batch_size, num_images - start)
             initial = None if x_T is None else x_T[start : start + count]
-            images = runner.sample(plan, count, seed=seed, x_T=initial, progress=progress, first_image=start)
+            images = runner.sample(
+                plan,
+                count,
+                seed=seed,
+                x_T=initial,
+                progress=progress,
+                first_image=start,
+                labels=None if labels is None else labels[start : start + count],
+                guidance_scale=guidance_scale,
+            )
             batches.append(np.clip(images.numpy(), -1.0, 1.0))
         return np.concatenate(batches, axis=0)
+
+    def class_index(self, name_or_index: int | str) -> int:
+        """The class index of a class name or index (a string of digits counts as an index)."""
+        if self.num_classes is None:
+            raise KddpmError("This model is unconditional; it has no classes to ask for.")
+        if isinstance(name_or_index, str) and not name_or_index.strip().isdigit():
+            names = self.class_names or []
+            folded = {name.lower(): i for i, name in enumerate(names)}
+            if name_or_index.lower() not in folded:
+                known = ", ".join(names) if names else f"indices 0..{self.num_classes - 1} (the model has no names)"
+                raise KddpmError(f"Unknown class {name_or_index!r}; this model's classes are {known}.")
+            return folded[name_or_index.lower()]
+        index = int(name_or_index)
+        if not 0 <= index <= self.num_classes:
+            raise KddpmError(
+                f"Class {index} is outside [0, {self.num_classes - 1}] ({self.num_classes} is the null label)."
+            )
+        return index
+
+    def label_array(
+        self, labels: int | str | np.ndarray | list | None, num_images: int, guidance_scale: float = 0.0
+    ) -> np.ndarray | None:
+        """``labels`` as [num_images] int32 class indices, checked (None stays None)."""
+        if not (isinstance(guidance_scale, (int, float, np.number)) and math.isfinite(guidance_scale)):
+            raise KddpmError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
+        if guidance_scale < 0:
+            raise KddpmError(f"guidance_scale must be >= 0, got {guidance_scale}.")
+        if self.num_classes is None:
+            if labels is not None or guidance_scale:
+                raise KddpmError(
+                    "labels and guidance_scale need a class-conditional model; train one with "
+                    "num_classes (kddpm train --conditional)."
+                )
+            return None
+        if labels is None:
+            if guidance_scale:
+                raise KddpmError("guidance_scale needs labels: guidance moves each image towards its class.")
+            return None
+        if isinstance(labels, (int, np.integer, str)):
+            return np.full([num_images], self.class_index(labels), np.int32)
+        values = [self.class_index(label) for label in np.asarray(labels).reshape(-1).tolist()]
+        if len(values) != num_images:
+            raise KddpmError(f"labels holds {len(values)} classes for {num_images} images; give one per image.")
+        return np.asarray(values, np.int32)
 
     def trajectory(
         self,
@@ -370,12 +495,15 @@ class DiffusionModel(keras.Model):
         variance: str | None = None,
         clip_x0: bool | None = None,
         snapshots: int = 10,
+        labels: int | str | np.ndarray | list | None = None,
+        guidance_scale: float = 0.0,
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
         weights (see ``Sampler.trajectory``; the options are ``sample``'s)."""
         plan = self.plan(sampler, steps, eta, variance, clip_x0)
         _check_count("num_images", num_images)
-        return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots)
+        labels = self.label_array(labels, num_images, guidance_scale)
+        return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots, labels, guidance_scale)
 
     def plan(
         self,
@@ -395,7 +523,7 @@ class DiffusionModel(keras.Model):
         key = (use_ema, jit_compile, precision)
         if self._sampler is None or self._sampler_key != key:
             copy = network if precision is None else network_with_precision(network, precision)
-            self._sampler = Sampler(copy, self.image_shape, jit_compile=jit_compile)
+            self._sampler = Sampler(copy, self.image_shape, jit_compile=jit_compile, num_classes=self.num_classes)
             self._sampler_key = key
         elif self._sampler.network is not network:
             # A copy in another precision: bring it the weights trained since it was made.
@@ -465,7 +593,46 @@ def _image_shape_of(denoiser: keras.Model, image_shape) -> tuple[int, int, int]:
     return image_shape
 
 
-def _copy_network(network: keras.Model, image_shape: tuple[int, int, int]) -> keras.Model:
+def _num_classes_of(denoiser: keras.Model, num_classes: int | None) -> int | None:
+    """K of a conditional denoiser (its ``label`` input and ``class_embedding``), checked against ``num_classes``."""
+    names = [getattr(tensor, "name", "") for tensor in getattr(denoiser, "inputs", None) or []]
+    conditional = any(name.startswith("label") for name in names)
+    found = None
+    if conditional:
+        try:
+            found = int(denoiser.get_layer("class_embedding").input_dim) - 1
+        except ValueError:
+            found = None
+    if num_classes is None:
+        if conditional and found is None:
+            raise KddpmError("The denoiser takes a label input; pass num_classes=K (its null label is K).")
+        return found
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise KddpmError(f"num_classes must be a positive integer, got {num_classes!r}.")
+    if names and not conditional:
+        raise KddpmError(
+            f"num_classes={num_classes} but the denoiser has no label input; build it with "
+            f"build_unet(..., num_classes={num_classes})."
+        )
+    if found is not None and found != num_classes:
+        raise KddpmError(f"num_classes={num_classes} but the denoiser's class embedding holds {found} classes.")
+    return int(num_classes)
+
+
+def _checked_class_names(class_names, num_classes: int | None) -> list[str] | None:
+    if class_names is None:
+        return None
+    names = [str(name) for name in class_names]
+    if num_classes is None or len(names) != num_classes:
+        raise KddpmError(f"class_names has {len(names)} names for a model with {num_classes} classes.")
+    if len(set(names)) != len(names):
+        raise KddpmError(f"class_names must be distinct, got {names}.")
+    return names
+
+
+def _copy_network(
+    network: keras.Model, image_shape: tuple[int, int, int], num_classes: int | None = None
+) -> keras.Model:
     """A new network of the same architecture holding a copy of ``network``'s weights."""
     try:
         copy = keras.models.clone_model(network)
@@ -475,7 +642,8 @@ def _copy_network(network: keras.Model, image_shape: tuple[int, int, int]) -> ke
         ) from error
     if not copy.built or len(copy.weights) != len(network.weights):
         batch = 1
-        copy([tf.zeros((batch, *image_shape)), tf.zeros((batch,), tf.int32)])
+        labels = [] if num_classes is None else [tf.zeros((batch,), tf.int32)]
+        copy([tf.zeros((batch, *image_shape)), tf.zeros((batch,), tf.int32), *labels])
     copy.set_weights(network.get_weights())
     return copy
 

@@ -186,15 +186,27 @@ class Sampler:
     jit_compile: True or False, or "auto": XLA on a GPU, and on CPU for batches of at most
     ``XLA_CPU_MAX_BATCH`` images, where it is faster. The noise does not depend on it, so
     the images agree either way to float rounding.
+
+    num_classes: K for a class-conditional network ``[x_t, t, label] -> eps``; ``sample`` then
+    takes ``labels`` [B] in [0, K] (K: the null label) and a classifier-free guidance scale w:
+    eps = (1 + w) eps(x_t, t, c) - w eps(x_t, t, null), both halves computed by one network call
+    on the doubled batch at each step (w = 0 calls the network once on the batch itself).
     """
 
-    def __init__(self, network: keras.Model, image_shape: tuple[int, int, int], jit_compile: bool | str = "auto"):
+    def __init__(
+        self,
+        network: keras.Model,
+        image_shape: tuple[int, int, int],
+        jit_compile: bool | str = "auto",
+        num_classes: int | None = None,
+    ):
         if jit_compile not in (True, False, "auto"):
             raise KddpmError(f"jit_compile must be True, False or 'auto', got {jit_compile!r}.")
         self.network = network
         self.image_shape = tuple(int(d) for d in image_shape)
         self.jit_compile = jit_compile
-        self._functions: dict[tuple[bool, bool, bool], tf.types.experimental.PolymorphicFunction] = {}
+        self.num_classes = num_classes
+        self._functions: dict[tuple[bool, bool, bool, bool], tf.types.experimental.PolymorphicFunction] = {}
 
     def uses_xla(self, batch: int) -> bool:
         """Whether a batch of ``batch`` images runs through XLA."""
@@ -212,6 +224,8 @@ class Sampler:
         progress: bool = False,
         chunks: int = 50,
         first_image: int = 0,
+        labels: np.ndarray | tf.Tensor | None = None,
+        guidance_scale: float = 0.0,
     ) -> tf.Tensor:
         """Runs the reverse process and returns x_0: [B, H, W, C] float32 (not clipped).
 
@@ -219,7 +233,8 @@ class Sampler:
         noise: [S, B, H, W, C] per-step noise, S = plan.num_steps. progress: show a Keras
         progress bar, running the loop in about ``chunks`` graph calls instead of one.
         first_image: the seed's image index of this batch's first image (images
-        first_image .. first_image + B - 1 of the seed are drawn).
+        first_image .. first_image + B - 1 of the seed are drawn). labels: [B] int in [0, K]
+        and guidance_scale: w >= 0, conditional networks only (see the class docstring).
         """
         key = seed_pair(seed)
         if x_T is None:
@@ -233,11 +248,13 @@ class Sampler:
             noise = tf.convert_to_tensor(noise, tf.float32)
             if tuple(noise.shape) != (plan.num_steps, *x.shape):
                 raise KddpmError(f"noise has shape {tuple(noise.shape)}; expected {(plan.num_steps, *x.shape)}.")
-        loop = self._function(plan.clip_x0, noise is not None, self.uses_xla(int(x.shape[0])))
+        condition = self._condition(labels, guidance_scale, int(x.shape[0]))
+        guided = bool(condition) and float(guidance_scale) != 0.0
+        loop = self._function(plan.clip_x0, noise is not None, self.uses_xla(int(x.shape[0])), guided)
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
         first = tf.constant(first_image, tf.int32)
-        extra = () if noise is None else (noise,)
+        extra = (() if noise is None else (noise,)) + condition
         steps = plan.num_steps
         if not progress:
             return loop(x, key, first, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
@@ -248,8 +265,31 @@ class Sampler:
             bar.update(int(stop))
         return x
 
+    def _condition(self, labels, guidance_scale: float, batch: int) -> tuple:
+        """The loop's (labels, guidance) inputs: () for an unconditional network."""
+        if self.num_classes is None:
+            if labels is not None or guidance_scale:
+                raise KddpmError("labels and guidance_scale need a class-conditional model (num_classes).")
+            return ()
+        if labels is None:
+            if guidance_scale:
+                raise KddpmError("guidance_scale needs labels: guidance moves samples towards a class.")
+            labels = np.full([batch], self.num_classes, np.int32)  # the null label: unconditional
+        labels = tf.convert_to_tensor(labels)
+        if not labels.dtype.is_integer or labels.shape != (batch,):
+            raise KddpmError(f"labels must be [{batch}] integers, got {labels.dtype.name} {tuple(labels.shape)}.")
+        if not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise KddpmError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
+        return tf.cast(labels, tf.int32), tf.constant(guidance_scale, tf.float32)
+
     def trajectory(
-        self, plan: SamplingPlan, num_images: int, seed: int = 0, snapshots: int = 10
+        self,
+        plan: SamplingPlan,
+        num_images: int,
+        seed: int = 0,
+        snapshots: int = 10,
+        labels: np.ndarray | None = None,
+        guidance_scale: float = 0.0,
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """The reverse process seen at ``snapshots`` evenly spaced points (the paper's Figure 6).
 
@@ -263,18 +303,20 @@ class Sampler:
             raise KddpmError(f"A trajectory needs at least 2 snapshots, got {snapshots}.")
         key = seed_pair(seed)
         x = initial_noise(key, 0, num_images, self.image_shape)
-        loop = self._function(plan.clip_x0, False, self.uses_xla(num_images))
+        condition = self._condition(labels, guidance_scale, num_images)
+        guided = bool(condition) and float(guidance_scale) != 0.0
+        loop = self._function(plan.clip_x0, False, self.uses_xla(num_images), guided)
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
         first = tf.constant(0)
         shots, done = [], 0
         for bound in np.unique(np.linspace(0, plan.num_steps, snapshots).round().astype(np.int32)):
             if bound > done:
-                x = loop(x, key, first, timesteps, coefficients, tf.constant(done), tf.constant(int(bound)))
+                x = loop(x, key, first, timesteps, coefficients, tf.constant(done), tf.constant(int(bound)), *condition)
                 done = int(bound)
             if bound < plan.num_steps:
                 t = int(plan.timesteps[bound])
-                eps = tf.cast(self.network([x, tf.fill([num_images], t)], training=False), tf.float32)
+                eps = self.eps_function(guided)(x, tf.fill([num_images], t), *condition)
                 x0_from_xt, x0_from_eps = plan.coefficients()[bound, :2]
                 x0_hat = np.clip((x0_from_xt * x - x0_from_eps * eps).numpy(), -1.0, 1.0)
                 shots.append((t, x.numpy(), x0_hat))
@@ -282,8 +324,8 @@ class Sampler:
                 shots.append((-1, x.numpy(), np.clip(x.numpy(), -1.0, 1.0)))
         return shots
 
-    def _function(self, clip_x0: bool, explicit_noise: bool, jit_compile: bool):
-        key = (clip_x0, explicit_noise, jit_compile)
+    def _function(self, clip_x0: bool, explicit_noise: bool, jit_compile: bool, guided: bool = False):
+        key = (clip_x0, explicit_noise, jit_compile, guided)
         if key not in self._functions:
             signature = [
                 tf.TensorSpec([None, *self.image_shape], tf.float32),
@@ -296,27 +338,55 @@ class Sampler:
             ]
             if explicit_noise:
                 signature.append(tf.TensorSpec([None, None, *self.image_shape], tf.float32))
+            if self.num_classes is not None:
+                signature += [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32)]
             self._functions[key] = tf.function(
-                self.loop(clip_x0, explicit_noise),
+                self.loop(clip_x0, explicit_noise, guided),
                 input_signature=signature,
                 jit_compile=jit_compile,
             )
         return self._functions[key]
 
-    def loop(self, clip_x0: bool, explicit_noise: bool):
-        """The reverse loop as a plain Python function of tensors, for use inside any graph:
-        ``loop(x, key, first, timesteps, coefficients, start, stop[, noise]) -> x`` runs plan
-        steps [start, stop) from x, images first .. first + B - 1 of the key's streams;
-        timesteps [S] int32, coefficients [S, 6] float32."""
+    def eps_function(self, guided: bool = False):
+        """The loop's network call: ``eps(x, t[, labels, guidance]) -> [B, H, W, C] float32``.
+
+        Guided: eps = (1 + w) eps(x, t, labels) - w eps(x, t, null) from ONE call of the
+        network on the batch stacked on itself, the second half with the null label K.
+        """
         network = self.network
+        if self.num_classes is None:
+            return lambda x, t: tf.cast(network([x, t], training=False), tf.float32)
+        if not guided:
+            return lambda x, t, labels, guidance: tf.cast(network([x, t, labels], training=False), tf.float32)
+        null = self.num_classes
+
+        def guided_eps(x, t, labels, guidance):
+            both = network(
+                [tf.concat([x, x], 0), tf.concat([t, t], 0), tf.concat([labels, tf.fill(tf.shape(labels), null)], 0)],
+                training=False,
+            )
+            conditional, unconditional = tf.split(tf.cast(both, tf.float32), 2, axis=0)
+            return (1.0 + guidance) * conditional - guidance * unconditional
+
+        return guided_eps
+
+    def loop(self, clip_x0: bool, explicit_noise: bool, guided: bool = False):
+        """The reverse loop as a plain Python function of tensors, for use inside any graph:
+        ``loop(x, key, first, timesteps, coefficients, start, stop[, noise][, labels, guidance])
+        -> x`` runs plan steps [start, stop) from x, images first .. first + B - 1 of the key's
+        streams; timesteps [S] int32, coefficients [S, 6] float32; labels [B] int32 and
+        guidance [] float32 for a conditional network (``guided``: w may be non-zero)."""
+        eps_of = self.eps_function(guided)
         image_shape = self.image_shape
 
-        def loop(x, key, first, timesteps, coefficients, start, stop, noise=None):
+        def loop(x, key, first, timesteps, coefficients, start, stop, *extra):
+            noise = extra[0] if explicit_noise else None
+            condition = extra[1:] if explicit_noise else extra
             batch = tf.shape(x)[0]
 
             def step(k, x):
                 t = tf.fill([batch], timesteps[k])
-                eps = tf.cast(network([x, t], training=False), tf.float32)
+                eps = eps_of(x, t, *condition)
                 x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma = tf.unstack(coefficients[k])
                 x_prev = coef_xt * x + coef_eps * eps
                 if clip_x0:

@@ -135,6 +135,7 @@ def build_unet(
     name: str = "unet",
     seed: int | None = None,
     norm_epsilon: float = 1e-6,
+    num_classes: int | None = None,
 ) -> keras.Model:
     """The paper's noise-prediction network eps_theta(x_t, t).
 
@@ -149,13 +150,18 @@ def build_unet(
         seed: an int makes the initial weights a function of it alone; None draws them from
             Keras' global generator (``keras.utils.set_random_seed``), as any Keras layer does.
         norm_epsilon: the GroupNorm epsilon (the paper's code: 1e-6).
+        num_classes: K makes the network class-conditional (Ho & Salimans 2022): a third input
+            ``label`` [B] int32 in [0, K], K being the null ("unconditional") label, whose
+            learned embedding (an ``Embedding(K + 1, 4 * base_channels)``) is added to the time
+            embedding, as in improved-diffusion. None: unconditional, exactly as without it.
 
     Layers are named after their place, e.g. ``down_1_res_0_conv1``, ``mid_attn_q``,
     ``up_2_attn_1_out``: ``kddpm.interop`` maps those names to diffusers' parameter names.
 
     Returns:
         A functional ``keras.Model`` with inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B]
-        int32 in [0, T), and output ``eps`` [B, H, W, C] float32.
+        int32 in [0, T) (and ``label`` [B] int32 in [0, K] when conditional), and output
+        ``eps`` [B, H, W, C] float32.
     """
     try:
         height, width, channels = (int(d) for d in image_shape)
@@ -188,8 +194,14 @@ def build_unet(
             f"this U-Net ({sizes} for {height}x{width} images); use heights from that list, or () for none."
         )
 
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise KddpmError(f"num_classes must be a positive integer (or None: unconditional), got {num_classes!r}.")
+
     x_t = keras.Input(shape=(height, width, channels), dtype="float32", name="x_t")
     t = keras.Input(shape=(), dtype="int32", name="t")
+    inputs = [x_t, t]
 
     block = _Blocks(dropout, norm_groups, seed, norm_epsilon)
     time_channels = 4 * base_channels
@@ -197,6 +209,14 @@ def build_unet(
     temb = block.dense(time_channels, name="time_dense_0")(temb)
     temb = keras.layers.Activation("silu", name="time_silu")(temb)
     temb = block.dense(time_channels, name="time_dense_1")(temb)
+    if num_classes is not None:
+        label = keras.Input(shape=(), dtype="int32", name="label")
+        inputs.append(label)
+        initializer = keras.initializers.RandomNormal(stddev=1.0, seed=None if seed is None else seed * 100_003)
+        class_embedding = keras.layers.Embedding(
+            num_classes + 1, time_channels, embeddings_initializer=initializer, name="class_embedding"
+        )(label)
+        temb = keras.layers.Add(name="time_and_class")([temb, class_embedding])
     # Every residual block reads swish(temb); computing it once changes nothing in the maths.
     temb = keras.layers.Activation("silu", name="time_embedding")(temb)
 
@@ -229,7 +249,7 @@ def build_unet(
     h = GroupNorm(norm_groups, norm_epsilon, name="norm_out")(h)
     h = keras.layers.Activation("silu", name="out_silu")(h)
     eps = block.conv(channels, 3, padding="same", kernel_initializer="zeros", dtype="float32", name="eps")(h)
-    return keras.Model(inputs=[x_t, t], outputs=eps, name=name)
+    return keras.Model(inputs=inputs, outputs=eps, name=name)
 
 
 class _Blocks:

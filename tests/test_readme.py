@@ -49,10 +49,10 @@ SNIPPETS["callbacks = [EvaluateEvery"] = {
 }
 
 
-SNIPPETS["from_diffusers(\"ddpm-cifar10-32\")"] = {
+SNIPPETS['from_diffusers("ddpm-cifar10-32")'] = {
     "replace": [
         ('"ddpm-cifar10-32"', repr(str(ROOT / "tests" / "fixtures" / "diffusers" / "cifar_pipeline"))),
-        ('steps=50', "steps=3"),
+        ("steps=50", "steps=3"),
     ],
     "check": "import json; assert images.shape == (4, 32, 32, 3) and -1 <= images.min() and images.max() <= 1\n"
     "assert json.load(open('ddpm-cifar10-32-again/unet/config.json'))['block_out_channels'] == [4, 8, 8, 8]",
