@@ -149,7 +149,7 @@ def test_conditional_data_errors():
     model = conditional_model()
     model.compile(optimizer="adam")
     images = np.zeros((8, *SHAPE), np.float32)
-    with pytest.raises(KddpmError, match="class-conditional .* train it on \\(images, labels\\)"):
+    with pytest.raises(KddpmError, match=r"class-conditional .* train it on \(images, labels\)"):
         model.fit(images, batch_size=8, epochs=1, verbose=0)
     before = model.denoiser.get_weights()
     for bad in (3, -1):
