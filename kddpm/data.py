@@ -34,13 +34,34 @@ _FASHION_MNIST_FILES = {
 }
 
 
+# Fashion-MNIST's label names, in label order (Xiao et al. 2017).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
 @dataclasses.dataclass
 class ImageSource:
-    """Unbatched uint8 images [H, W, C] with int32 labels, and where they came from."""
+    """Unbatched uint8 images [H, W, C] with int32 labels, and where they came from.
+
+    class_names: the name of each label, in label order (Fashion-MNIST's ten, a tfds
+    dataset's ClassLabel names, a folder's sub-folder names); None when the source has no
+    labels (a folder without class sub-folders, a tfds dataset without a 'label' feature).
+    """
 
     dataset: tf.data.Dataset
     description: str
     size: int | None
+    class_names: list[str] | None = None
 
 
 def fashion_mnist_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -144,7 +165,7 @@ def image_source(
     if source == FASHION_MNIST:
         images, labels, description = load_fashion_mnist(split, data_dir)
         dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-        return ImageSource(dataset, description, len(images))
+        return ImageSource(dataset, description, len(images), list(FASHION_MNIST_CLASSES))
     if source.startswith("tfds:"):
         return _tfds_source(source[len("tfds:") :], split, data_dir)
     path = Path(source).expanduser()
@@ -169,7 +190,11 @@ def _tfds_source(name: str, split: str, data_dir) -> ImageSource:
         return example["image"], label
 
     size = info.splits[split].num_examples if split in info.splits else None
-    return ImageSource(dataset.map(pick), f"tensorflow-datasets {name} ({split})", size)
+    names = None
+    if has_label:
+        label = info.features["label"]
+        names = list(getattr(label, "names", None) or [str(i) for i in range(getattr(label, "num_classes", 0))]) or None
+    return ImageSource(dataset.map(pick), f"tensorflow-datasets {name} ({split})", size, names)
 
 
 def _folder_source(path: Path, channels: int | None, skip_bad_images: bool = False) -> ImageSource:
@@ -213,7 +238,8 @@ def _folder_source(path: Path, channels: int | None, skip_bad_images: bool = Fal
         lambda name, label: (_decode_file(name, channels), label), num_parallel_calls=tf.data.AUTOTUNE
     )
     description = f"{len(names)} images in {path} ({len(classes)} folders{skipped})"
-    return ImageSource(dataset, description, len(names))
+    # Images directly in the folder have no class: the folder then has no labels to learn.
+    return ImageSource(dataset, description, len(names), None if "." in classes else classes)
 
 
 def _decode_file(name: tf.Tensor, channels: int = 0) -> tf.Tensor:
@@ -278,9 +304,7 @@ def load_dataset(
         flip: random horizontal flips (seeded). shuffle / cache / repeat / drop_remainder:
             the usual tf.data steps; shuffling is seeded and differs between epochs.
         data_dir: Fashion-MNIST or tensorflow-datasets directory.
-        labels: False gives the images alone. Training ignores labels; leave them out under
-            MultiWorkerMirroredStrategy, where Keras fails to average integer labels while
-            building the model.
+        labels: False gives the images alone (an unconditional model ignores labels).
         skip_bad_images: folders only: leave out files that cannot be decoded instead of
             raising an error that names them (every file is decoded once when loading).
         skip_batches: start this many batches into the stream (resuming a run at that step:

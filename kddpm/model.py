@@ -133,6 +133,14 @@ class DiffusionModel(keras.Model):
         # data leaves nothing half-created and the next fit starts cleanly.
         self.optimizer.build(self.denoiser.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Under a strategy, Keras first averages one data batch over all replicas (a collective
+        # MEAN) to build the model symbolically; across workers that fails for integer labels.
+        # A DiffusionModel is built by __init__ and compile, so there is nothing to build.
+        if self.optimizer is not None and self.optimizer.built and all(layer.built for layer in self._flatten_layers()):
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     def get_compile_config(self) -> dict[str, Any] | None:
         return super().get_compile_config()
 

@@ -118,20 +118,38 @@ def set_precision(mode: str) -> str:
     return f"{policy} ({reason})"
 
 
-def create_model(preset: Preset, seed: int = 0, schedule: NoiseSchedule | None = None) -> DiffusionModel:
+def create_model(
+    preset: Preset,
+    seed: int = 0,
+    schedule: NoiseSchedule | None = None,
+    class_names: list[str] | None = None,
+    label_dropout: float = 0.1,
+) -> DiffusionModel:
     """A new DiffusionModel with the preset's U-Net and EMA settings.
 
     The seed gives the initial weights, the training noise and the dropout masks: the same
-    seed, the same run, without ``keras.utils.set_random_seed``.
+    seed, the same run, without ``keras.utils.set_random_seed``. class_names: one name per
+    class makes the model class-conditional (K = len(class_names)), trained with
+    ``label_dropout`` for classifier-free guidance.
     """
-    denoiser = build_unet(**preset.unet_kwargs(), seed=seed)
+    num_classes = None if class_names is None else len(class_names)
+    denoiser = build_unet(**preset.unet_kwargs(), seed=seed, num_classes=num_classes)
     return DiffusionModel(
         denoiser,
         schedule or NoiseSchedule.linear(),
         ema_decay=preset.ema_decay,
         ema_warmup=preset.ema_warmup,
         seed=seed,
+        num_classes=num_classes,
+        label_dropout=label_dropout,
+        class_names=class_names,
     )
+
+
+def class_grid_labels(num_classes: int, num_images: int = 64) -> tuple[np.ndarray, int]:
+    """Labels for a grid with one row per class: ([K * n] int32, n) with n = max(1, num_images // K)."""
+    per_class = max(1, num_images // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int = 0, epsilon: float = 1e-8) -> keras.optimizers.Optimizer:
@@ -147,18 +165,45 @@ def make_optimizer(learning_rate: float, warmup_steps: int = 0, epsilon: float =
     return keras.optimizers.Adam(learning_rate, epsilon=epsilon)
 
 
-def write_grid(images: np.ndarray, path: str | Path, scale: int | None = None, columns: int | None = None) -> Path:
+def write_grid(
+    images: np.ndarray,
+    path: str | Path,
+    scale: int | None = None,
+    columns: int | None = None,
+    row_labels: list[str] | None = None,
+) -> Path:
     """Writes images [N, H, W, C] in [-1, 1] as one PNG grid (``kddpm.grid.image_grid``); returns the path.
 
     scale: nearest-neighbour enlargement of each image (default: a grid at least 512 px wide;
-    1: raw pixels).
+    1: raw pixels). row_labels: one caption per row, written in a strip left of the grid.
     """
     if scale is not None and scale < 1:
         raise KddpmError(f"The grid scale must be a positive integer, got {scale}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keras.utils.save_img(path, image_grid(to_uint8(images), columns=columns, scale=scale), scale=False)
+    grid = image_grid(to_uint8(images), columns=columns, scale=scale)
+    if row_labels:
+        grid = _with_row_labels(grid, row_labels)
+    keras.utils.save_img(path, grid, scale=False)
     return path
+
+
+def _with_row_labels(grid: np.ndarray, labels: list[str], gap: int = 2) -> np.ndarray:
+    """``grid`` (uint8 [H, W, C]) with a white strip on its left holding each row's label."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    widths = [measure.textbbox((0, 0), label, font=font)[2] for label in labels]
+    strip = Image.new("L", (max(widths) + 12, grid.shape[0]), 255)
+    draw = ImageDraw.Draw(strip)
+    pitch = (grid.shape[0] + gap) / len(labels)  # row height including the gap below it
+    for row, label in enumerate(labels):
+        top, _, _, bottom = draw.textbbox((0, 0), label, font=font)
+        centre = row * pitch + (pitch - gap) / 2
+        draw.text((6, centre - (bottom + top) / 2), label, fill=0, font=font)
+    column = np.asarray(strip, np.uint8)[..., None].repeat(grid.shape[2], axis=2)
+    return np.concatenate([column, grid], axis=1)
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -171,10 +216,12 @@ class SampleGrid(keras.callbacks.Callback):
         num_images: int = 64,
         seed: int = 0,
         grid_scale: int | None = None,
+        columns: int | None = None,
         **sample_kwargs,
     ):
         super().__init__()
         self.grid_scale = grid_scale
+        self.columns = columns
         self.directory = Path(directory)
         self.every = max(1, int(every))
         self.num_images = num_images
@@ -184,7 +231,7 @@ class SampleGrid(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
             images = self.model.sample(self.num_images, seed=self.seed, **self.sample_kwargs)
-            write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png", self.grid_scale)
+            write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png", self.grid_scale, self.columns)
 
 
 class EvaluateEvery(keras.callbacks.Callback):

@@ -113,17 +113,24 @@ from conftest import tiny_unet
 from kddpm import DiffusionModel, NoiseSchedule
 from kddpm.training import make_optimizer
 
-initial = [w.copy() for w in tiny_unet(seed=0).get_weights()]
+# A class-conditional model (with label dropout) when asked: labels must reach every worker intact.
+classes = 3 if sys.argv[3:] == ["conditional"] else None
+initial = [w.copy() for w in tiny_unet(seed=0, num_classes=classes).get_weights()]
 images = np.random.default_rng(0).uniform(-1, 1, (64, 8, 8, 1)).astype(np.float32)
+labels = np.arange(64, dtype=np.int32) % 3
 with strategy.scope():
     # Dropout > 0: each worker must draw the masks of its own examples of the global batch.
-    model = DiffusionModel(tiny_unet(dropout=0.3), NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=0.05, seed=5)
+    network = tiny_unet(dropout=0.3, num_classes=classes)
+    model = DiffusionModel(
+        network, NoiseSchedule.linear(), ema_decay=0.9, clip_grad_norm=0.05, seed=5, label_dropout=0.3
+    )
     model.compile(optimizer=make_optimizer(1e-2, 2))
 model.denoiser.set_weights(initial)
 model.reset_ema()
 options = tf.data.Options()
 options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-data = tf.data.Dataset.from_tensor_slices(images).batch(16).with_options(options)  # 16 = the global batch
+data = tf.data.Dataset.from_tensor_slices((images, labels) if classes else images)
+data = data.batch(16).with_options(options)  # 16 = the global batch
 history = model.fit(data, epochs=3, verbose=0)
 result = {
     "replicas": strategy.num_replicas_in_sync,
@@ -138,14 +145,15 @@ with open(sys.argv[2], "w") as f:
 
 
 @pytest.mark.slow
-def test_multi_worker_strategy_matches_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["unconditional", "conditional"])
+def test_multi_worker_strategy_matches_one_process(tmp_path, kind):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     tests = str(Path(__file__).parent)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
     env.pop("TF_CONFIG", None)
     single = subprocess.run(
-        [sys.executable, str(script), tests, str(tmp_path / "single.json")],
+        [sys.executable, str(script), tests, str(tmp_path / "single.json"), kind],
         capture_output=True,
         text=True,
         timeout=600,
@@ -153,7 +161,7 @@ def test_multi_worker_strategy_matches_one_process(tmp_path):
     )
     assert single.returncode == 0, single.stderr[-3000:]
 
-    commands = [[sys.executable, str(script), tests, str(tmp_path / f"worker{index}.json")] for index in range(2)]
+    commands = [[sys.executable, str(script), tests, str(tmp_path / f"worker{index}.json"), kind] for index in range(2)]
     for returncode, _, stderr in run_loopback_workers(commands, [env, env]):
         assert returncode == 0, stderr[-3000:]
     expected = json.loads((tmp_path / "single.json").read_text())

@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 GRID_IMAGES = 64
+# Classifier-free guidance scale w of kddpm sample and the training grids of conditional models
+# (chosen from the figures of the guidance benchmark; see the README).
+DEFAULT_GUIDANCE = 1.0
 
 
 def verbose_flag() -> argparse.ArgumentParser:

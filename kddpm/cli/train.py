@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kddpm.cli.common import GRID_IMAGES, add_grid_scale, positive, save_atomically
+from kddpm.cli.common import DEFAULT_GUIDANCE, GRID_IMAGES, add_grid_scale, positive, save_atomically
 
 
 def add_parser(verbs, common) -> None:
@@ -52,6 +52,18 @@ def add_parser(verbs, common) -> None:
     train.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation (default 1000)")
     train.add_argument(
         "--eval-reference", help="real images for --eval-every (default fashion_mnist:test for Fashion-MNIST shapes)"
+    )
+    train.add_argument(
+        "--conditional",
+        action="store_true",
+        help="train a class-conditional model on the data's labels (Fashion-MNIST, tfds with labels, a folder "
+        "with class sub-folders), for kddpm sample --class",
+    )
+    train.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="--conditional: share of labels replaced by the null label, for classifier-free guidance (default 0.1)",
     )
     train.add_argument(
         "--skip-bad-images",
@@ -100,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         Throughput,
         TrainingBackup,
         TrainingClock,
+        class_grid_labels,
         create_model,
         is_chief,
         make_optimizer,
@@ -153,6 +166,19 @@ def run(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
     )
     print(f"Data: {source.description}")
+    class_names = None
+    if args.conditional:
+        if not source.class_names:
+            raise KddpmError(
+                f"--conditional needs labels and {args.data} has none; use a folder with one sub-folder of images "
+                "per class, Fashion-MNIST or a tfds dataset with a 'label' feature."
+            )
+        if not 0.0 <= args.label_dropout < 1.0:
+            raise KddpmError(f"--label-dropout must be in [0, 1), got {args.label_dropout}.")
+        class_names = source.class_names
+        print(f"Classes: {len(class_names)} ({', '.join(class_names)}); label dropout {args.label_dropout}")
+    elif args.label_dropout != 0.1:
+        raise KddpmError("--label-dropout goes with --conditional.")
     if args.epochs:
         if not source.size:
             raise KddpmError("The size of this dataset is unknown; give --steps instead of --epochs.")
@@ -169,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         "steps_per_epoch": steps_per_epoch,
         "precision": keras.mixed_precision.global_policy().name,
         "skip_bad_images": args.skip_bad_images,
+        "conditional": args.conditional,
+        "label_dropout": args.label_dropout if args.conditional else None,
     }
     if state:
         _check_resume_settings(state.get("settings", {}), settings, backup_dir)
@@ -180,11 +208,11 @@ def run(args: argparse.Namespace) -> int:
         repeat=True,
         seed=args.seed,
         skip_batches=start_step,
-        labels=False,
+        labels=args.conditional,
     )
 
     with strategy.scope():
-        model = create_model(preset, seed=args.seed)
+        model = create_model(preset, seed=args.seed, class_names=class_names, label_dropout=args.label_dropout)
         jit = {"auto": "auto", "on": True, "off": False}[args.jit]
         model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps), jit_compile=jit)
     print(
@@ -199,6 +227,12 @@ def run(args: argparse.Namespace) -> int:
     write_dir = out if chief else Path(tempfile.mkdtemp(prefix="kddpm-worker-"))
     write_dir.mkdir(parents=True, exist_ok=True)
     grid_settings = {"sampler": preset.grid_sampler, "steps": preset.grid_steps, "clip_x0": preset.clip_x0}
+    grid_images, grid_columns = GRID_IMAGES, None
+    if class_names:
+        # One row per class, at the default guidance of kddpm sample.
+        labels, grid_columns = class_grid_labels(len(class_names), GRID_IMAGES)
+        grid_images = len(labels)
+        grid_settings.update(labels=labels, guidance_scale=DEFAULT_GUIDANCE)
     throughput = Throughput(batch_size)
     callbacks = [
         StopOnNonFiniteLoss(),  # first, so that nothing after it saves broken weights
@@ -218,9 +252,10 @@ def run(args: argparse.Namespace) -> int:
         grids = SampleGrid(
             out / "samples",
             every=args.grid_every,
-            num_images=GRID_IMAGES,
+            num_images=grid_images,
             seed=args.seed,
             grid_scale=args.grid_scale,
+            columns=grid_columns,
             **grid_settings,
         )
         callbacks.append(grids)
@@ -243,12 +278,13 @@ def run(args: argparse.Namespace) -> int:
     # The finished model supersedes the backup; removed only now, so a crash before the
     # save above still resumes.
     shutil.rmtree(backup_dir, ignore_errors=True)
+    rows = f", one row per class, guidance {DEFAULT_GUIDANCE}" if class_names else ""
     print(
-        f"Sampling a {GRID_IMAGES}-image grid "
-        f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps)"
+        f"Sampling a {grid_images}-image grid "
+        f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps{rows})"
     )
-    images = model.sample(GRID_IMAGES, seed=args.seed, progress=True, **grid_settings)
-    grid = write_grid(images, out / "samples" / "final.png", args.grid_scale)
+    images = model.sample(grid_images, seed=args.seed, progress=True, **grid_settings)
+    grid = write_grid(images, out / "samples" / "final.png", args.grid_scale, grid_columns)
     losses = history.history.get("loss") or [float("nan")]
     trained = epochs * steps_per_epoch - start_step
     print(
@@ -268,6 +304,8 @@ _SETTING_FLAGS = {
     "steps_per_epoch": "--steps-per-epoch (or --epochs, --steps)",
     "precision": "--mixed-precision",
     "skip_bad_images": "--skip-bad-images",
+    "conditional": "--conditional",
+    "label_dropout": "--label-dropout",
 }
 
 
