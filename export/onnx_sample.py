@@ -50,6 +50,9 @@ def read_metadata(session) -> dict:
             # Sampling defaults the model carries (a converted diffusers model sets them).
             "variance": props.get("kddpm.variance", "beta_tilde"),
             "clip_x0": props.get("kddpm.clip_x0", "false") == "true",
+            # Class-conditional models: K classes and their names (0: unconditional).
+            "num_classes": int(props.get("kddpm.num_classes", "0")),
+            "class_names": json.loads(props.get("kddpm.class_names", "[]")),
         }
     except (KeyError, ValueError, TypeError) as error:
         raise KddpmOnnxError(f"The file's kddpm metadata is damaged ({error}); export the model again.") from None
@@ -129,12 +132,16 @@ def sample(
     seed: int = 0,
     x_T: np.ndarray | None = None,
     noise: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    guidance_scale: float = 0.0,
 ) -> np.ndarray:
     """Runs the reverse process with the ONNX denoiser; returns x_0 [B, H, W, C] float32.
 
     x_T: [B, H, W, C] initial noise and noise: [S, B, H, W, C] per-step noise, drawn from
     numpy's generator seeded with ``seed`` when not given. variance and clip_x0 default to
-    the model's own settings (its metadata).
+    the model's own settings (its metadata). Class-conditional models: labels [B] in [0, K]
+    (K: unconditional; default all K) and classifier-free guidance w = guidance_scale:
+    eps = (1 + w) eps(x_t, t, c) - w eps(x_t, t, K), one session run on the doubled batch.
     """
     metadata = read_metadata(session)
     variance = metadata["variance"] if variance is None else variance
@@ -152,14 +159,56 @@ def sample(
         raise KddpmOnnxError(
             f"x_T has shape {x.shape}; this model takes [B, {', '.join(map(str, metadata['image_shape']))}]."
         )
+    eps_of = _eps_function(session, metadata, labels, guidance_scale, len(x))
     for k, t in enumerate(taus):
-        (eps,) = session.run(["eps"], {"x_t": x.astype(np.float32), "t": np.full(len(x), t, dtype=np.int32)})
+        eps = eps_of(x.astype(np.float32), np.full(len(x), t, dtype=np.int32))
         x0_hat = (x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t])
         if clip_x0:
             x0_hat = np.clip(x0_hat, -1.0, 1.0)
         z = rng.standard_normal(x.shape) if noise is None else noise[k]
         x = coef_x0[k] * x0_hat + coef_xt_eps[k, 0] * x + coef_xt_eps[k, 1] * eps + sigma[k] * z
     return x.astype(np.float32)
+
+
+def _eps_function(session, metadata: dict, labels, guidance_scale: float, batch: int):
+    """eps(x_t, t) of the session, conditioned and guided for a class-conditional model."""
+    classes = metadata["num_classes"]
+    if not classes:
+        if labels is not None or guidance_scale:
+            raise KddpmOnnxError("This model is unconditional; it takes no classes or guidance.")
+        return lambda x, t: session.run(["eps"], {"x_t": x, "t": t})[0]
+    if guidance_scale < 0 or not math.isfinite(guidance_scale):
+        raise KddpmOnnxError(f"The guidance scale must be a finite number >= 0, got {guidance_scale}.")
+    labels = np.full(batch, classes, np.int32) if labels is None else np.asarray(labels, np.int32).reshape(-1)
+    if labels.shape != (batch,) or labels.min() < 0 or labels.max() > classes:
+        raise KddpmOnnxError(f"Give one class in [0, {classes}] per image ({batch}), got {labels.tolist()}.")
+    if not guidance_scale:
+        return lambda x, t: session.run(["eps"], {"x_t": x, "t": t, "label": labels})[0]
+    both_labels = np.concatenate([labels, np.full(batch, classes, np.int32)])
+
+    def guided(x, t):
+        feeds = {"x_t": np.concatenate([x, x]), "t": np.concatenate([t, t]), "label": both_labels}
+        (both,) = session.run(["eps"], feeds)
+        conditional, unconditional = both[:batch], both[batch:]
+        return (1.0 + guidance_scale) * conditional - guidance_scale * unconditional
+
+    return guided
+
+
+def class_index(metadata: dict, name_or_index: str) -> int:
+    """A class given by name (case-insensitive) or index, checked against the model's classes."""
+    classes, names = metadata["num_classes"], metadata["class_names"]
+    if not classes:
+        raise KddpmOnnxError("This model is unconditional; --class needs a class-conditional model.")
+    if name_or_index.strip().isdigit():
+        index = int(name_or_index)
+        if index > classes:
+            raise KddpmOnnxError(f"Class {index} is outside [0, {classes - 1}] ({classes}: unconditional).")
+        return index
+    folded = {name.lower(): i for i, name in enumerate(names)}
+    if name_or_index.lower() not in folded:
+        raise KddpmOnnxError(f"Unknown class {name_or_index!r}; this model's classes are {', '.join(names)}.")
+    return folded[name_or_index.lower()]
 
 
 # --- Output ----------------------------------------------------------------------------------
@@ -213,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME_OR_INDEX",
+        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
+    )
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
@@ -222,8 +279,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.grid_scale is not None and args.grid_scale < 1:
             raise KddpmOnnxError(f"--grid-scale must be a positive integer, got {args.grid_scale}.")
         session = open_session(args.model)
-        images = sample(session, args.num, args.sampler, args.steps, args.eta, clip_x0=args.clip_x0, seed=args.seed)
-        path = write_png(args.out, image_grid(to_uint8(images), scale=args.grid_scale))
+        labels, columns, guidance = None, None, 0.0
+        if args.classes:
+            indices = [class_index(read_metadata(session), name) for name in args.classes]
+            columns = max(1, args.num // len(indices)) if len(indices) > 1 else None
+            labels = np.repeat(indices, columns) if columns else np.full(args.num, indices[0])
+            guidance = args.guidance
+        num = args.num if labels is None else len(labels)
+        images = sample(
+            session,
+            num,
+            args.sampler,
+            args.steps,
+            args.eta,
+            clip_x0=args.clip_x0,
+            seed=args.seed,
+            labels=labels,
+            guidance_scale=guidance,
+        )
+        path = write_png(args.out, image_grid(to_uint8(images), columns=columns, scale=args.grid_scale))
     except KddpmOnnxError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

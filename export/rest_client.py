@@ -2,9 +2,11 @@
 """Asks a TF Serving server for samples through the SavedModel's ``sample`` signature.
 
     python rest_client.py --url http://localhost:8501 --model kddpm --num 16 --sampler ddim --steps 50
+    python rest_client.py --model kddpm-conditional --class sneaker --class bag --guidance 1 --num 16
 
-The request is TF Serving's REST row format; the response's ``predictions`` are uint8 images
-[B, H, W, C], written as one PNG grid. Needs numpy and the standard library only.
+The request is TF Serving's REST columnar format; the response's ``outputs`` are uint8 images
+[B, H, W, C], written as one PNG grid. Class names come from a conditional model's
+``class_names`` signature. Needs numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -21,13 +23,36 @@ from onnx_sample import write_png
 
 
 def request_samples(
-    url: str, model: str, num_images: int, sampler: str = "ddim", steps: int = 50, seed: int = 0, timeout: float = 600
+    url: str,
+    model: str,
+    num_images: int,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    timeout: float = 600,
+    labels: list[int] | None = None,
+    guidance_scale: float = 0.0,
 ) -> np.ndarray:
-    """POSTs one ``sample`` request; returns uint8 images [num_images, H, W, C]."""
-    body = {
-        "signature_name": "sample",
-        "instances": [{"num_images": num_images, "seed": seed, "sampler": sampler, "steps": steps}],
-    }
+    """POSTs one ``sample`` request; returns uint8 images [num_images, H, W, C].
+
+    labels: one class index per image, for a class-conditional model, with the classifier-free
+    guidance scale ``guidance_scale``.
+    """
+    inputs = {"num_images": [num_images], "seed": [seed], "sampler": [sampler], "steps": [steps]}
+    if labels is not None:
+        inputs.update(labels=list(labels), guidance_scale=[guidance_scale])
+    # Columnar format: the inputs need not share a batch size (labels has one entry per image).
+    answer = _post(url, model, {"signature_name": "sample", "inputs": inputs}, timeout)
+    return np.asarray(answer["outputs"], dtype=np.uint8)
+
+
+def class_names(url: str, model: str, timeout: float = 60) -> list[str]:
+    """The class names a class-conditional model was exported with (its ``class_names`` signature)."""
+    answer = _post(url, model, {"signature_name": "class_names", "inputs": {"index": [0]}}, timeout)
+    return list(answer["outputs"])
+
+
+def _post(url: str, model: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(
         f"{url.rstrip('/')}/v1/models/{model}:predict",
         data=json.dumps(body).encode(),
@@ -42,7 +67,7 @@ def request_samples(
         raise SystemExit(f"error: the server answered {error.code}: {detail}") from None
     except urllib.error.URLError as error:
         raise SystemExit(f"error: cannot reach {url} ({error.reason}); is the server running?") from None
-    return np.asarray(answer["predictions"], dtype=np.uint8)
+    return answer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,13 +78,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM ignores it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME_OR_INDEX",
+        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
+    )
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
     parser.add_argument("--out", default="served_samples.png")
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
     )
     args = parser.parse_args(argv)
-    images = request_samples(args.url, args.model, args.num, args.sampler, args.steps, args.seed)
-    print(f"Samples: {write_png(args.out, image_grid(images, scale=args.grid_scale))}")
+    labels, columns, guidance = None, None, 0.0
+    if args.classes:
+        names = [name.lower() for name in class_names(args.url, args.model)]
+        indices = []
+        for name in args.classes:
+            if name.strip().isdigit():
+                indices.append(int(name))
+            elif name.lower() in names:
+                indices.append(names.index(name.lower()))
+            else:
+                raise SystemExit(f"error: unknown class {name!r}; the model's classes are {', '.join(names)}.")
+        columns = max(1, args.num // len(indices)) if len(indices) > 1 else None
+        labels = [int(c) for c in np.repeat(indices, columns or args.num)]
+        guidance = args.guidance
+    num = args.num if labels is None else len(labels)
+    images = request_samples(
+        args.url, args.model, num, args.sampler, args.steps, args.seed, labels=labels, guidance_scale=guidance
+    )
+    print(f"Samples: {write_png(args.out, image_grid(images, columns=columns, scale=args.grid_scale))}")
     return 0
 
 

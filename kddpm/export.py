@@ -193,8 +193,10 @@ def _saved_model_target(base_dir: Path, model_name: str, version: int | None) ->
 def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool) -> keras.export.ExportArchive:
     height, width, channels = model.image_shape
     timesteps = model.schedule.timesteps
-    sampler = Sampler(network, model.image_shape)
+    classes = model.num_classes
+    sampler = Sampler(network, model.image_shape, num_classes=classes)
     loop = sampler.loop(clip_x0, explicit_noise=False)
+    guided_loop = sampler.loop(clip_x0, explicit_noise=False, guided=True) if classes else None
     ddpm = ddpm_plan(model.schedule, model.variance, clip_x0=clip_x0)
     alphas_cumprod = model.schedule.alphas_cumprod
 
@@ -209,15 +211,27 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
             )
         ]
 
-    def denoise(x_t, t):
+    def label_checks(labels, count, name):
+        message = f"{name} must be class indices in [0, {classes}] ({classes}: unconditional)"
+        return [
+            tf.debugging.assert_greater_equal(labels, 0, message=message),
+            tf.debugging.assert_less_equal(labels, classes, message=message),
+            tf.debugging.assert_equal(tf.size(labels), count, message=f"{name} must hold one class per image"),
+        ]
+
+    def denoise(x_t, t, label=None):
         checks = [
             *image_checks(x_t, "x_t"),
             tf.debugging.assert_equal(tf.shape(t), tf.shape(x_t)[:1], message="t must be [B], one per image in x_t"),
             tf.debugging.assert_greater_equal(t, 0, message=f"t must be in [0, {timesteps})"),
             tf.debugging.assert_less(t, timesteps, message=f"t must be in [0, {timesteps})"),
         ]
+        conditions = []
+        if classes:
+            checks += label_checks(label, tf.shape(x_t)[0], "label")
+            conditions = [label]
         with tf.control_dependencies(checks):
-            return {"eps": tf.cast(network([x_t, t], training=False), tf.float32)}
+            return {"eps": tf.cast(network([x_t, t, *conditions], training=False), tf.float32)}
 
     def plan(sampler_name, steps):
         is_ddpm = tf.equal(sampler_name, "ddpm")
@@ -239,23 +253,38 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
                 ddim,
             )
 
-    def run(x_T, seed, sampler_name, steps):
-        # Row-format requests send every input once per instance; the first one is used.
+    def run(x_T, seed, sampler_name, steps, labels=None, guidance_scale=None):
+        # Row-format requests send every input once per instance; the first one is used
+        # (but for labels: one per image).
         key = seed_pair(seed[0])
         plan_timesteps, coefficients = plan(sampler_name[0], steps[0])
         stop = tf.shape(plan_timesteps)[0]
-        x_0 = loop(x_T, key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
+        args = (x_T, key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
+        if not classes:
+            return {"images": to_uint8_tensor(loop(*args))}
+        w = guidance_scale[0]
+        checks = [
+            *label_checks(labels, tf.shape(x_T)[0], "labels"),
+            tf.debugging.assert_greater_equal(w, 0.0, message="guidance_scale must be >= 0"),
+            tf.debugging.assert_all_finite(w, message="guidance_scale must be finite"),
+        ]
+        with tf.control_dependencies(checks):
+            # w = 0 runs the network once per step on the batch; w > 0 once on the doubled batch.
+            x_0 = tf.cond(tf.equal(w, 0.0), lambda: loop(*args, labels, w), lambda: guided_loop(*args, labels, w))
         return {"images": to_uint8_tensor(x_0)}
 
-    def sample(num_images, seed, sampler, steps):
+    def sample(num_images, seed, sampler, steps, *condition):
         count = num_images[0]
         with tf.control_dependencies([tf.debugging.assert_positive(count, message="num_images must be >= 1")]):
             x_T = initial_noise(seed_pair(seed[0]), 0, count, model.image_shape)
-        return run(x_T, seed, sampler, steps)
+        return run(x_T, seed, sampler, steps, *condition)
 
-    def sample_from_noise(x_T, seed, sampler, steps):
+    def sample_from_noise(x_T, seed, sampler, steps, *condition):
         with tf.control_dependencies(image_checks(x_T, "x_T")):
-            return run(tf.identity(x_T), seed, sampler, steps)
+            return run(tf.identity(x_T), seed, sampler, steps, *condition)
+
+    def class_names(index):
+        return {"names": tf.constant(model.class_names or [str(c) for c in range(classes)])}
 
     image = tf.TensorSpec([None, height, width, channels], tf.float32, name="x_t")
     options = [
@@ -263,15 +292,25 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
         tf.TensorSpec([None], tf.string, name="sampler"),
         tf.TensorSpec([None], tf.int32, name="steps"),
     ]
+    denoise_inputs = [image, tf.TensorSpec([None], tf.int32, name="t")]
+    if classes:
+        denoise_inputs.append(tf.TensorSpec([None], tf.int32, name="label"))
+        options += [
+            tf.TensorSpec([None], tf.int32, name="labels"),
+            tf.TensorSpec([None], tf.float32, name="guidance_scale"),
+        ]
     archive = keras.export.ExportArchive()
     archive.track(network)
-    archive.add_endpoint("serving_default", denoise, [image, tf.TensorSpec([None], tf.int32, name="t")])
+    archive.add_endpoint("serving_default", denoise, denoise_inputs)
     archive.add_endpoint("sample", sample, [tf.TensorSpec([None], tf.int32, name="num_images"), *options])
     archive.add_endpoint(
         "sample_from_noise",
         sample_from_noise,
         [tf.TensorSpec([None, height, width, channels], tf.float32, name="x_T"), *options],
     )
+    if classes:
+        # The class names, so that a client can ask for classes by name (the input is ignored).
+        archive.add_endpoint("class_names", class_names, [tf.TensorSpec([None], tf.int32, name="index")])
     return archive
 
 
@@ -279,9 +318,9 @@ def _saved_model_parity(model: DiffusionModel, network: keras.Model, path: Path)
     loaded = tf.saved_model.load(str(path))
     serve = loaded.signatures["serving_default"]
     diff = 0.0
-    for x_t, t in _parity_inputs(model):
-        eps = serve(x_t=tf.constant(x_t), t=tf.constant(t))["eps"].numpy()
-        diff = max(diff, float(np.abs(eps - _keras_eps(network, x_t, t)).max()))
+    for inputs in _parity_inputs(model):
+        eps = serve(**{name: tf.constant(value) for name, value in inputs.items()})["eps"].numpy()
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, inputs)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"The exported SavedModel differs from the Keras model by {diff:.3g} (> {TOLERANCE}); nothing was written."
@@ -317,10 +356,12 @@ def _stage_onnx(model: DiffusionModel, path: Path, opset: int, overwrite: bool) 
         tf.TensorSpec([None, *model.image_shape], tf.float32, name="x_t"),
         tf.TensorSpec([None], tf.int32, name="t"),
     ]
+    if model.num_classes:
+        signature.append(tf.TensorSpec([None], tf.int32, name="label"))
 
     @tf.function(input_signature=signature)
-    def denoise(x_t, t):
-        return {"eps": tf.cast(network([x_t, t], training=False), tf.float32)}
+    def denoise(*inputs):
+        return {"eps": tf.cast(network(list(inputs), training=False), tf.float32)}
 
     proto, _ = tf2onnx.convert.from_function(denoise, input_signature=signature, opset=opset)
     for key, value in onnx_metadata(model).items():
@@ -356,6 +397,9 @@ def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
         "kddpm.timesteps": str(model.schedule.timesteps),
         "kddpm.variance": model.variance,
         "kddpm.clip_x0": "true" if model.clip_x0 else "false",
+        # Class-conditional models: K (the input 'label' takes [0, K], K meaning unconditional).
+        "kddpm.num_classes": str(model.num_classes or 0),
+        "kddpm.class_names": json.dumps(model.class_names or [str(c) for c in range(model.num_classes or 0)]),
     }
 
 
@@ -364,9 +408,9 @@ def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes)
 
     session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     diff = 0.0
-    for x_t, t in _parity_inputs(model):
-        (eps,) = session.run(["eps"], {"x_t": x_t, "t": t})
-        diff = max(diff, float(np.abs(eps - _keras_eps(network, x_t, t)).max()))
+    for inputs in _parity_inputs(model):
+        (eps,) = session.run(["eps"], inputs)
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, inputs)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"ONNX Runtime's output differs from the Keras model by {diff:.3g} (> {TOLERANCE}); "
@@ -378,19 +422,24 @@ def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes)
 # --- Shared ----------------------------------------------------------------------------------
 
 
-def _parity_inputs(model: DiffusionModel) -> list[tuple[np.ndarray, np.ndarray]]:
+def _parity_inputs(model: DiffusionModel) -> list[dict[str, np.ndarray]]:
+    """Inputs by name at each parity batch size; conditional models get labels, the null one included."""
     rng = np.random.default_rng(0)
-    return [
-        (
-            rng.standard_normal((batch, *model.image_shape)).astype(np.float32),
-            rng.integers(0, model.schedule.timesteps, batch).astype(np.int32),
-        )
-        for batch in _PARITY_BATCHES
-    ]
+    batches = []
+    for batch in _PARITY_BATCHES:
+        inputs = {
+            "x_t": rng.standard_normal((batch, *model.image_shape)).astype(np.float32),
+            "t": rng.integers(0, model.schedule.timesteps, batch).astype(np.int32),
+        }
+        if model.num_classes:
+            inputs["label"] = rng.integers(0, model.num_classes + 1, batch).astype(np.int32)
+        batches.append(inputs)
+    return batches
 
 
-def _keras_eps(network: keras.Model, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return keras.ops.convert_to_numpy(network([x_t, t], training=False)).astype(np.float32)
+def _keras_eps(network: keras.Model, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    ordered = [inputs[name] for name in ("x_t", "t", "label") if name in inputs]
+    return keras.ops.convert_to_numpy(network(ordered, training=False)).astype(np.float32)
 
 
 def _writable_dir(path: Path) -> Path:

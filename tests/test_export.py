@@ -123,8 +123,9 @@ def test_signatures_as_saved_model_cli_prints_them(exported):
         assert tensors(blocks[name], "outputs") == {"images": ("DT_UINT8", "-1,8,8,1")}
 
 
-# Decodes TF Serving REST row-format requests the way the server does (one list per named
-# input, stacked over instances, cast to the signature's dtype) and calls the signature.
+# Decodes TF Serving REST requests the way the server does and calls the signature: row format
+# (one list per named input, stacked over instances) or columnar format ("inputs": each named
+# input as it is), cast to the signature's dtypes.
 SERVE_ROWS = """
 import json, sys
 import numpy as np
@@ -133,13 +134,21 @@ import tensorflow as tf
 def predict(loaded, request):
     signature = loaded.signatures[request["signature_name"]]
     specs = signature.structured_input_signature[1]
-    instances = request["instances"]
-    feeds = {
-        name: tf.constant(np.array([row[name] for row in instances]), dtype=spec.dtype)
-        for name, spec in specs.items()
-    }
+    if "instances" in request:
+        columns = {name: [row[name] for row in request["instances"]] for name in specs}
+    else:
+        columns = request["inputs"]
+    feeds = {name: tf.constant(np.array(columns[name]), dtype=spec.dtype) for name, spec in specs.items()}
     return {name: value.numpy() for name, value in signature(**feeds).items()}
 """
+
+
+def rest_response(request, outputs):
+    """TF Serving's answer: "predictions" for row format, "outputs" (one output: the value itself) for columnar."""
+    values = {name: value.tolist() if hasattr(value, "tolist") else value for name, value in outputs.items()}
+    if "instances" in request:
+        return {"predictions": next(iter(values.values())) if len(values) == 1 else values}
+    return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
 
 
 def test_saved_model_in_a_fresh_process_matches_keras(model, exported, tmp_path):
@@ -231,7 +240,9 @@ def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_pat
         export_saved_model(model, tmp_path)
     monkeypatch.undo()
     # The parity check failing after a complete write must not publish the version either.
-    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.ones((len(t), *SHAPE), np.float32))
+    monkeypatch.setattr(
+        export_module, "_keras_eps", lambda network, inputs: np.ones((len(inputs["t"]), *SHAPE), np.float32)
+    )
     with pytest.raises(KddpmError, match=r"differs from the Keras model by"):
         export_saved_model(model, tmp_path)
     assert [p.name for p in (tmp_path / "kddpm").iterdir()] == ["1"]
@@ -275,7 +286,9 @@ def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeyp
 
     model_file = tmp_path / "model.keras"
     model.save(model_file)
-    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.full((len(t), *SHAPE), 0.5, np.float32))
+    monkeypatch.setattr(
+        export_module, "_keras_eps", lambda network, inputs: np.full((len(inputs["t"]), *SHAPE), 0.5, np.float32)
+    )
     code = cli.main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert code == 2
@@ -425,40 +438,50 @@ def test_onnx_sampler_rejects_a_file_without_kddpm_metadata(exported, tmp_path):
 # --- The REST client, against a loopback stand-in for TF Serving ----------------------------
 
 
-def test_rest_client_round_trip(model, exported, tmp_path):
-    namespace = {}
-    exec(SERVE_ROWS, namespace)
-    loaded = tf.saved_model.load(str(exported[1]["saved_model"].path))
-    seen = []
+class ServingStandIn:
+    """A loopback stand-in for TF Serving's REST API over a loaded SavedModel."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(self.path)
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            (images,) = namespace["predict"](loaded, request).values()
-            body = json.dumps({"predictions": images.tolist()}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def __init__(self, saved_model_path):
+        namespace = {}
+        exec(SERVE_ROWS, namespace)
+        loaded = tf.saved_model.load(str(saved_model_path))
+        self.seen = []
+        seen = self.seen
 
-        def log_message(self, *args):
-            pass
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                seen.append(self.path)
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.dumps(rest_response(request, namespace["predict"](loaded, request)), default=bytes.decode)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body.encode())))
+                self.end_headers()
+                self.wfile.write(body.encode())
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
         sys.path.insert(0, str(REPO / "export"))
         import rest_client
 
-        url = f"http://127.0.0.1:{server.server_port}"
-        images = rest_client.request_samples(url, "kddpm", 4, "ddim", 6, seed=2)
-    finally:
+        return rest_client
+
+    def __exit__(self, *exc):
         sys.path.remove(str(REPO / "export"))
-        server.shutdown()
-    assert seen == ["/v1/models/kddpm:predict"]
+        self.server.shutdown()
+
+
+def test_rest_client_round_trip(model, exported, tmp_path):
+    serving = ServingStandIn(exported[1]["saved_model"].path)
+    with serving as rest_client:
+        images = rest_client.request_samples(serving.url, "kddpm", 4, "ddim", 6, seed=2)
+    assert serving.seen == ["/v1/models/kddpm:predict"]
     expected = to_uint8(model.sample(4, seed=2, sampler="ddim", steps=6))
     assert images.dtype == np.uint8 and np.abs(images.astype(int) - expected).max() <= 1
 
@@ -484,3 +507,173 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
     bf16_eps = keras.ops.convert_to_numpy(model.ema_denoiser([x_t, t]))
     # The export computes in float32: close to the bfloat16 network, not equal to it.
     assert 0 < np.abs(eps - bf16_eps).max() < 0.05 * np.abs(bf16_eps).max()
+
+
+# --- Class-conditional models ---------------------------------------------------------------
+
+CLASSES = ["ring", "dot", "bar"]
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    """A tiny 3-class model with random EMA weights, exported to both formats."""
+    model = DiffusionModel(
+        tiny_unet(SHAPE, num_classes=3, seed=2), NoiseSchedule.linear(T), num_classes=3, class_names=CLASSES
+    )
+    rng = np.random.default_rng(7)
+    model.ema_denoiser.set_weights(
+        [rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.ema_denoiser.get_weights()]
+    )
+    return model
+
+
+@pytest.fixture(scope="module")
+def conditional_exported(conditional, tmp_path_factory):
+    base = tmp_path_factory.mktemp("conditional")
+    results = {r.format: r for r in export_model(conditional, base, "all", model_name="cond")}
+    assert all(r.max_abs_diff <= 1e-4 for r in results.values())  # the parity checks cover the label
+    return results
+
+
+def test_conditional_saved_model_signatures_take_labels_and_guidance(conditional, conditional_exported):
+    loaded = tf.saved_model.load(str(conditional_exported["saved_model"].path))
+    serve = loaded.signatures["serving_default"]
+    assert set(serve.structured_input_signature[1]) == {"x_t", "t", "label"}
+    rng = np.random.default_rng(3)
+    x_t = rng.standard_normal((4, *SHAPE)).astype(np.float32)
+    t = np.array([0, 5, 20, 39], np.int32)
+    label = np.array([0, 1, 2, 3], np.int32)  # 3: the null label
+    eps = serve(x_t=tf.constant(x_t), t=tf.constant(t), label=tf.constant(label))["eps"].numpy()
+    np.testing.assert_allclose(eps, conditional.ema_denoiser([x_t, t, label]), atol=1e-5)
+    sample = loaded.signatures["sample"]
+    for guidance in (0.0, 2.5):
+        images = sample(
+            num_images=tf.constant([3]),
+            seed=tf.constant([4], tf.int64),
+            sampler=tf.constant(["ddim"]),
+            steps=tf.constant([6]),
+            labels=tf.constant([2, 0, 2]),
+            guidance_scale=tf.constant([guidance]),
+        )["images"].numpy()
+        expected = to_uint8(
+            conditional.sample(3, seed=4, sampler="ddim", steps=6, labels=[2, 0, 2], guidance_scale=guidance)
+        )
+        assert np.abs(images.astype(int) - expected).max() <= 1
+    names = loaded.signatures["class_names"](index=tf.constant([0]))["names"].numpy()
+    assert [n.decode() for n in names] == CLASSES
+    for labels, guidance, message in (
+        ([0, 4, 1], 1.0, "labels must be class indices"),
+        ([0, 1], 1.0, "one class per image"),
+        ([0, 1, 2], -1.0, "guidance_scale must be >= 0"),
+    ):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            sample(
+                num_images=tf.constant([3]),
+                seed=tf.constant([0], tf.int64),
+                sampler=tf.constant(["ddim"]),
+                steps=tf.constant([3]),
+                labels=tf.constant(labels),
+                guidance_scale=tf.constant([guidance]),
+            )
+
+
+def test_conditional_rest_client_asks_by_class(conditional, conditional_exported):
+    serving = ServingStandIn(conditional_exported["saved_model"].path)
+    with serving as rest_client:
+        names = rest_client.class_names(serving.url, "cond")
+        images = rest_client.request_samples(
+            serving.url, "cond", 2, "ddim", 5, seed=1, labels=[1, 1], guidance_scale=3.0
+        )
+        done = rest_client.main(
+            [
+                "--url",
+                serving.url,
+                "--model",
+                "cond",
+                "--num",
+                "2",
+                "--steps",
+                "5",
+                "--seed",
+                "1",
+                "--class",
+                "DOT",
+                "--guidance",
+                "3",
+                "--out",
+                str(Path(tempfile_dir()) / "r.png"),
+            ]
+        )
+    assert names == CLASSES and done == 0
+    expected = to_uint8(conditional.sample(2, seed=1, sampler="ddim", steps=5, labels="dot", guidance_scale=3.0))
+    assert np.abs(images.astype(int) - expected).max() <= 1
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.mkdtemp()
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_conditional_onnx_sampler_matches_the_tf_sampler(conditional, conditional_exported, guidance):
+    import onnxruntime
+
+    onnx_sample = load_onnx_sample()
+    session = onnxruntime.InferenceSession(str(conditional_exported["onnx"].path), providers=["CPUExecutionProvider"])
+    metadata = onnx_sample.read_metadata(session)
+    assert metadata["num_classes"] == 3 and metadata["class_names"] == CLASSES
+    assert [i.name for i in session.get_inputs()] == ["x_t", "t", "label"]
+    plan = ddim_plan(conditional.schedule, 7, 0.5)
+    rng = np.random.default_rng(9)
+    x_T = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    noise = rng.standard_normal((plan.num_steps, 3, *SHAPE)).astype(np.float32)
+    labels = np.array([0, 2, 3], np.int32)
+    runner = Sampler(conditional.ema_denoiser, SHAPE, num_classes=3)
+    reference = runner.sample(plan, x_T=x_T, noise=noise, labels=labels, guidance_scale=guidance).numpy()
+    images = onnx_sample.sample(
+        session, sampler="ddim", steps=7, eta=0.5, x_T=x_T, noise=noise, labels=labels, guidance_scale=guidance
+    )
+    np.testing.assert_allclose(images, reference, atol=1e-3, rtol=0)
+
+
+def test_conditional_onnx_sampler_script_by_class_name(conditional_exported, tmp_path):
+    shutil.copytree(REPO / "export", tmp_path / "deploy", symlinks=False)
+    env = {**os.environ, **fake_tensorflow(tmp_path)}
+    command = [
+        sys.executable,
+        str(tmp_path / "deploy" / "onnx_sample.py"),
+        "--model",
+        str(conditional_exported["onnx"].path),
+    ]
+    done = subprocess.run(
+        [
+            *command,
+            "--class",
+            "ring",
+            "--class",
+            "bar",
+            "--num",
+            "4",
+            "--steps",
+            "3",
+            "--guidance",
+            "2",
+            "--out",
+            str(tmp_path / "g.png"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"Samples: {tmp_path / 'g.png'}"
+    bad = subprocess.run(
+        [*command, "--class", "cat", "--out", str(tmp_path / "x.png")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "Unknown class 'cat'; this model's classes are ring, dot, bar" in bad.stderr
