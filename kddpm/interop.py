@@ -431,6 +431,11 @@ def to_diffusers(model: DiffusionModel, path: str | os.PathLike, use_ema: bool =
     ``overwrite=True``. The folder is written beside its place and renamed into it.
     """
     path = Path(path)
+    if model.num_classes is not None:
+        raise KddpmError(
+            f"This model is class-conditional ({model.num_classes} classes with a null label for guidance); "
+            "DDPMPipeline has no class labels, so the diffusers format cannot express it."
+        )
     if path.exists() and not overwrite:
         raise KddpmError(f"{path} already exists; choose another --out or pass overwrite=True (--overwrite).")
     network = model.ema_denoiser if use_ema else model.denoiser

@@ -171,6 +171,9 @@ def test_a_network_that_is_not_the_unet_is_refused_before_writing(tmp_path):
     model = DiffusionModel(keras.Model([x_t, t], eps), NoiseSchedule.linear(10))
     with pytest.raises(KddpmError, match="not a network build_unet makes"):
         to_diffusers(model, tmp_path / "out")
+    conditional = DiffusionModel(tiny_unet((8, 8, 1), num_classes=3), NoiseSchedule.linear(10))
+    with pytest.raises(KddpmError, match="class-conditional .* cannot express it"):
+        to_diffusers(conditional, tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
 

@@ -42,3 +42,12 @@ def test_evaluate_notebook_executes(tmp_path, monkeypatch):
     for expected in ("FID", "KID", "precision / recall", "'total'", "'decoder'"):
         assert expected in text_of(outputs), expected
     assert (tmp_path / "evaluate_trajectory.png").is_file()
+
+
+@pytest.mark.slow
+def test_conditional_notebook_executes(tmp_path, monkeypatch):
+    outputs = execute("conditional.ipynb", tmp_path, monkeypatch, KDDPM_CONDITIONAL_TINY="1")
+    for name in ("conditional_classes.png", "conditional_guidance.png", "conditional.keras"):
+        assert (tmp_path / name).is_file(), name
+    text = text_of(outputs)
+    assert "'x_t', 't', 'label'" in text and "'Ankle boot'" in text
