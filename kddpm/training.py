@@ -217,11 +217,13 @@ class SampleGrid(keras.callbacks.Callback):
         seed: int = 0,
         grid_scale: int | None = None,
         columns: int | None = None,
+        row_labels: list[str] | None = None,
         **sample_kwargs,
     ):
         super().__init__()
         self.grid_scale = grid_scale
         self.columns = columns
+        self.row_labels = row_labels
         self.directory = Path(directory)
         self.every = max(1, int(every))
         self.num_images = num_images
@@ -231,7 +233,8 @@ class SampleGrid(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
             images = self.model.sample(self.num_images, seed=self.seed, **self.sample_kwargs)
-            write_grid(images, self.directory / f"epoch_{epoch + 1:04d}.png", self.grid_scale, self.columns)
+            path = self.directory / f"epoch_{epoch + 1:04d}.png"
+            write_grid(images, path, self.grid_scale, self.columns, self.row_labels)
 
 
 class EvaluateEvery(keras.callbacks.Callback):

@@ -187,3 +187,72 @@ def test_export_command_writes_both_formats_quietly(run_dir, tmp_path):
     assert "I0000" not in done.stderr and "WARNING" not in done.stderr and "Traceback" not in done.stderr
     again = kddpm("export", "--model", out, "--format", "onnx", "--out", tmp_path / "exported")
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "--overwrite" in again.stderr
+
+
+# --- Class-conditional runs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "conditional"
+    done = kddpm(
+        "train", "--preset", "tiny", "--conditional", "--label-dropout", "0.2", "--steps", "2", "--steps-per-epoch",
+        "2", "--out", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_conditional_training_keeps_the_class_names(conditional_run):
+    out, done = conditional_run
+    assert "Classes: 10 (T-shirt/top, Trouser, Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot)" in (
+        done.stdout
+    )
+    model = keras.models.load_model(out / "model.keras")
+    assert model.num_classes == 10 and model.class_names[7] == "Sneaker" and model.label_dropout == 0.2
+    # The final grid has one row per class (6 images each), with a caption strip on the left.
+    grid = np.asarray(keras.utils.load_img(out / "samples" / "final.png", color_mode="grayscale"))
+    assert grid.shape[0] == 10 * (28 * 4 + 2) - 2 and grid.shape[1] > 6 * (28 * 4 + 2)
+
+
+@pytest.mark.slow
+def test_sample_by_class_name_per_class_and_guidance(conditional_run, tmp_path):
+    out, _ = conditional_run
+    common = ("--model", out, "--sampler", "ddim", "--steps", 3, "--seed", 1)
+    one = kddpm("sample", *common, "--class", "sneaker", "--num", 4, "--guidance", 0, "--out", tmp_path / "a.png")
+    same = kddpm("sample", *common, "--class", "7", "--num", 4, "--guidance", 0, "--out", tmp_path / "b.png")
+    for done in (one, same):
+        assert done.returncode == 0, done.stderr[-2000:]
+    assert "guidance 0" in one.stdout
+    a, b = (np.asarray(keras.utils.load_img(tmp_path / n, color_mode="grayscale")) for n in ("a.png", "b.png"))
+    np.testing.assert_array_equal(a, b)  # by name or by index, the same images
+    rows = kddpm("sample", *common, "--per-class", 2, "--out", tmp_path / "rows.png")
+    assert rows.returncode == 0, rows.stderr[-2000:]
+    assert "Sampling 20 images" in rows.stdout and "guidance 1" in rows.stdout
+    grid = np.asarray(keras.utils.load_img(tmp_path / "rows.png", color_mode="grayscale"))
+    assert grid.shape[0] > 10 * 28
+    for args, message in (
+        (("--class", "dog"), "Unknown class 'dog'; this model's classes are T-shirt/top"),
+        (("--guidance", 2), "--guidance goes with --class or --per-class"),
+        (("--class", "bag", "--per-class", 2), "not both"),
+        (("--class", "bag", "--guidance", -1), "--guidance must be >= 0"),
+    ):
+        done = kddpm("sample", *common, *args, "--out", tmp_path / "x.png")
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+            f"error: {done.stderr.split('error: ')[1].strip()}"
+        ]
+        assert message in done.stderr, done.stderr
+
+
+def test_conditional_flags_need_labels_and_a_conditional_model(run_dir, tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    keras.utils.save_img(folder / "a.png", np.zeros((28, 28, 1), np.uint8), scale=False)
+    done = kddpm("train", "--preset", "tiny", "--conditional", "--data", folder, "--steps", 1, "--out", tmp_path / "r")
+    assert done.returncode == 2 and "--conditional needs labels" in done.stderr and "sub-folder" in done.stderr
+    done = kddpm("train", "--preset", "tiny", "--label-dropout", "0.3", "--steps", 1, "--out", tmp_path / "r")
+    assert done.returncode == 2 and "--label-dropout goes with --conditional" in done.stderr
+    out, _ = run_dir
+    done = kddpm("sample", "--model", out, "--class", "bag", "--out", tmp_path / "x.png")
+    assert done.returncode == 2 and "need a class-conditional model" in done.stderr

@@ -172,7 +172,7 @@ def test_a_network_that_is_not_the_unet_is_refused_before_writing(tmp_path):
     with pytest.raises(KddpmError, match="not a network build_unet makes"):
         to_diffusers(model, tmp_path / "out")
     conditional = DiffusionModel(tiny_unet((8, 8, 1), num_classes=3), NoiseSchedule.linear(10))
-    with pytest.raises(KddpmError, match="class-conditional .* cannot express it"):
+    with pytest.raises(KddpmError, match=r"class-conditional .* cannot express it"):
         to_diffusers(conditional, tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 

@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             grid_scale=args.grid_scale,
             columns=grid_columns,
+            row_labels=class_names,
             **grid_settings,
         )
         callbacks.append(grids)
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps{rows})"
     )
     images = model.sample(grid_images, seed=args.seed, progress=True, **grid_settings)
-    grid = write_grid(images, out / "samples" / "final.png", args.grid_scale, grid_columns)
+    grid = write_grid(images, out / "samples" / "final.png", args.grid_scale, grid_columns, class_names)
     losses = history.history.get("loss") or [float("nan")]
     trained = epochs * steps_per_epoch - start_step
     print(
