@@ -82,10 +82,7 @@ class FeatureExtractor:
 def feature_extractor(name_or_path: str, weights: str | os.PathLike | None = None, layer: str | None = None):
     """The feature network ``name_or_path`` ('fashion_mnist', 'inception' or a .keras file); see the module."""
     if name_or_path == "fashion_mnist":
-        path = resources.files("kddpm") / "assets" / FASHION_MNIST_FEATURES
-        with resources.as_file(path) as file:
-            classifier = keras.models.load_model(file)
-            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:12]
+        classifier, digest = shipped_fashion_mnist_classifier()
         # Named by its weights' digest, so that a retrained network never reuses old caches.
         return _penultimate(classifier, f"fashion_mnist@{digest}", "features", named_layer=False)
     if name_or_path == "inception":
@@ -148,6 +145,17 @@ def _inception(weights) -> FeatureExtractor:
     return FeatureExtractor(
         f"inception_v3@{digest}", network, (299, 299, 3), keras.applications.inception_v3.preprocess_input
     )
+
+
+def shipped_fashion_mnist_classifier() -> tuple[keras.Model, str]:
+    """(the shipped trained classifier, a digest of its file): float32 images [N, 28, 28, 1] in
+    0..255 -> 10 logits, Fashion-MNIST's labels (92% test accuracy). Its penultimate layer is the
+    'fashion_mnist' feature extractor; the guidance benchmark uses its logits."""
+    path = resources.files("kddpm") / "assets" / FASHION_MNIST_FEATURES
+    with resources.as_file(path) as file:
+        classifier = keras.models.load_model(file)
+        digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:12]
+    return classifier, digest
 
 
 def fashion_mnist_classifier() -> keras.Model:
