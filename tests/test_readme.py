@@ -59,6 +59,18 @@ SNIPPETS['from_diffusers("ddpm-cifar10-32")'] = {
 }
 
 
+SNIPPETS['labels="Sneaker"'] = {
+    "replace": [
+        ('PRESETS["demo"]', 'PRESETS["tiny"]'),
+        ("batch_size=64", "batch_size=8"),
+        ("steps_per_epoch=200, epochs=13", "steps_per_epoch=2, epochs=1"),
+        ("steps=20", "steps=2"),
+    ],
+    "check": "assert sneakers.shape == (8, 28, 28, 1) and model.num_classes == 10\n"
+    "assert model.class_index('sneaker') == 7",
+}
+
+
 def python_blocks(text):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
