@@ -4,9 +4,10 @@
     python rest_client.py --url http://localhost:8501 --model kddpm --num 16 --sampler ddim --steps 50
     python rest_client.py --model kddpm-conditional --class sneaker --class bag --guidance 1 --num 16
 
-The request is TF Serving's REST columnar format; the response's ``outputs`` are uint8 images
-[B, H, W, C], written as one PNG grid. Class names come from a conditional model's
-``class_names`` signature. Needs numpy and the standard library only.
+The request is TF Serving's REST row format (columnar for class-conditional requests, whose
+labels have one entry per image); the response holds uint8 images [B, H, W, C], written as one
+PNG grid. Class names come from a conditional model's ``class_names`` signature. Needs numpy and
+the standard library only.
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def request_samples(
     labels: one class index per image, for a class-conditional model, with the classifier-free
     guidance scale ``guidance_scale``.
     """
-    inputs = {"num_images": [num_images], "seed": [seed], "sampler": [sampler], "steps": [steps]}
-    if labels is not None:
-        inputs.update(labels=list(labels), guidance_scale=[guidance_scale])
-    # Columnar format: the inputs need not share a batch size (labels has one entry per image).
+    options = {"num_images": num_images, "seed": seed, "sampler": sampler, "steps": steps}
+    if labels is None:
+        answer = _post(url, model, {"signature_name": "sample", "instances": [options]}, timeout)
+        return np.asarray(answer["predictions"], dtype=np.uint8)
+    # Columnar format, where inputs need not share a batch size (labels has one entry per image).
+    inputs = {name: [value] for name, value in options.items()}
+    inputs.update(labels=[int(label) for label in labels], guidance_scale=[guidance_scale])
     answer = _post(url, model, {"signature_name": "sample", "inputs": inputs}, timeout)
     return np.asarray(answer["outputs"], dtype=np.uint8)
 

@@ -319,8 +319,8 @@ def _saved_model_parity(model: DiffusionModel, network: keras.Model, path: Path)
     serve = loaded.signatures["serving_default"]
     diff = 0.0
     for inputs in _parity_inputs(model):
-        eps = serve(**{name: tf.constant(value) for name, value in inputs.items()})["eps"].numpy()
-        diff = max(diff, float(np.abs(eps - _keras_eps(network, inputs)).max()))
+        eps = serve(**{name: tf.constant(value) for name, value in zip(_INPUT_NAMES, inputs)})["eps"].numpy()
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, *inputs)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"The exported SavedModel differs from the Keras model by {diff:.3g} (> {TOLERANCE}); nothing was written."
@@ -409,8 +409,8 @@ def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes)
     session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     diff = 0.0
     for inputs in _parity_inputs(model):
-        (eps,) = session.run(["eps"], inputs)
-        diff = max(diff, float(np.abs(eps - _keras_eps(network, inputs)).max()))
+        (eps,) = session.run(["eps"], dict(zip(_INPUT_NAMES, inputs)))
+        diff = max(diff, float(np.abs(eps - _keras_eps(network, *inputs)).max()))
     if not diff <= TOLERANCE:
         raise KddpmError(
             f"ONNX Runtime's output differs from the Keras model by {diff:.3g} (> {TOLERANCE}); "
@@ -422,24 +422,26 @@ def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes)
 # --- Shared ----------------------------------------------------------------------------------
 
 
-def _parity_inputs(model: DiffusionModel) -> list[dict[str, np.ndarray]]:
-    """Inputs by name at each parity batch size; conditional models get labels, the null one included."""
+_INPUT_NAMES = ("x_t", "t", "label")
+
+
+def _parity_inputs(model: DiffusionModel) -> list[tuple[np.ndarray, ...]]:
+    """(x_t, t) at each parity batch size; conditional models get labels too, the null one included."""
     rng = np.random.default_rng(0)
     batches = []
     for batch in _PARITY_BATCHES:
-        inputs = {
-            "x_t": rng.standard_normal((batch, *model.image_shape)).astype(np.float32),
-            "t": rng.integers(0, model.schedule.timesteps, batch).astype(np.int32),
-        }
+        inputs = (
+            rng.standard_normal((batch, *model.image_shape)).astype(np.float32),
+            rng.integers(0, model.schedule.timesteps, batch).astype(np.int32),
+        )
         if model.num_classes:
-            inputs["label"] = rng.integers(0, model.num_classes + 1, batch).astype(np.int32)
+            inputs += (rng.integers(0, model.num_classes + 1, batch).astype(np.int32),)
         batches.append(inputs)
     return batches
 
 
-def _keras_eps(network: keras.Model, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    ordered = [inputs[name] for name in ("x_t", "t", "label") if name in inputs]
-    return keras.ops.convert_to_numpy(network(ordered, training=False)).astype(np.float32)
+def _keras_eps(network: keras.Model, x_t: np.ndarray, t: np.ndarray, *label: np.ndarray) -> np.ndarray:
+    return keras.ops.convert_to_numpy(network([x_t, t, *label], training=False)).astype(np.float32)
 
 
 def _writable_dir(path: Path) -> Path:

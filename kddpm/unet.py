@@ -278,7 +278,7 @@ class _Blocks:
         kwargs.setdefault("kernel_initializer", keras.initializers.GlorotUniform(seed=self._next_seed()))
         return keras.layers.Dense(units, **kwargs)
 
-    def _norm(self, h, name: str):
+    def _norm(self, h, name: str | None):
         return GroupNorm(self.norm_groups, self.norm_epsilon, name=name)(h)
 
     def res(self, x, temb, out_channels: int, name: str):
@@ -300,24 +300,28 @@ class _Blocks:
             x = self.conv(out_channels, 1, name=f"{name}_shortcut")(x)
         return keras.layers.Add(name=f"{name}_out")([x, h])
 
-    def attention(self, x, name: str):
+    def attention(self, x, name: str | None = None):
         """Single-head self-attention over the H*W positions, added to the un-normalised input.
 
         q, k, v and the output projection are the original code's four 1x1 "NIN" layers; the
         scores q k^T are scaled by C ** -0.5 (folded into q) before the softmax.
         """
         height, width, channels = x.shape[1:]
-        h = keras.layers.Reshape((height * width, channels), name=f"{name}_flatten")(self._norm(x, f"{name}_norm"))
-        query = self.dense(channels, name=f"{name}_q")(h)
-        query = keras.layers.Rescaling(channels**-0.5, name=f"{name}_scale")(query)
-        key = self.dense(channels, name=f"{name}_k")(h)
-        value = self.dense(channels, name=f"{name}_v")(h)
-        h = keras.layers.Attention(name=f"{name}_softmax")([query, value, key])
+
+        def part(suffix):  # layer names after the block's place; Keras' own names without one
+            return None if name is None else f"{name}_{suffix}"
+
+        h = keras.layers.Reshape((height * width, channels), name=part("flatten"))(self._norm(x, part("norm")))
+        query = self.dense(channels, name=part("q"))(h)
+        query = keras.layers.Rescaling(channels**-0.5, name=part("scale"))(query)
+        key = self.dense(channels, name=part("k"))(h)
+        value = self.dense(channels, name=part("v"))(h)
+        h = keras.layers.Attention(name=part("softmax"))([query, value, key])
         # The output projection starts at zero (the original code's proj_out, init_scale=0), so
         # that each attention block begins as the identity, like the residual blocks.
-        h = self.dense(channels, kernel_initializer="zeros", name=f"{name}_out")(h)
-        h = keras.layers.Reshape((height, width, channels), name=f"{name}_unflatten")(h)
-        return keras.layers.Add(name=f"{name}_residual")([x, h])
+        h = self.dense(channels, kernel_initializer="zeros", name=part("out"))(h)
+        h = keras.layers.Reshape((height, width, channels), name=part("unflatten"))(h)
+        return keras.layers.Add(name=part("residual"))([x, h])
 
 
 def _round_up(value: int, factor: int) -> int:

@@ -123,9 +123,8 @@ def test_signatures_as_saved_model_cli_prints_them(exported):
         assert tensors(blocks[name], "outputs") == {"images": ("DT_UINT8", "-1,8,8,1")}
 
 
-# Decodes TF Serving REST requests the way the server does and calls the signature: row format
-# (one list per named input, stacked over instances) or columnar format ("inputs": each named
-# input as it is), cast to the signature's dtypes.
+# Decodes TF Serving REST row-format requests the way the server does (one list per named
+# input, stacked over instances, cast to the signature's dtype) and calls the signature.
 SERVE_ROWS = """
 import json, sys
 import numpy as np
@@ -134,21 +133,13 @@ import tensorflow as tf
 def predict(loaded, request):
     signature = loaded.signatures[request["signature_name"]]
     specs = signature.structured_input_signature[1]
-    if "instances" in request:
-        columns = {name: [row[name] for row in request["instances"]] for name in specs}
-    else:
-        columns = request["inputs"]
-    feeds = {name: tf.constant(np.array(columns[name]), dtype=spec.dtype) for name, spec in specs.items()}
+    instances = request["instances"]
+    feeds = {
+        name: tf.constant(np.array([row[name] for row in instances]), dtype=spec.dtype)
+        for name, spec in specs.items()
+    }
     return {name: value.numpy() for name, value in signature(**feeds).items()}
 """
-
-
-def rest_response(request, outputs):
-    """TF Serving's answer: "predictions" for row format, "outputs" (one output: the value itself) for columnar."""
-    values = {name: value.tolist() if hasattr(value, "tolist") else value for name, value in outputs.items()}
-    if "instances" in request:
-        return {"predictions": next(iter(values.values())) if len(values) == 1 else values}
-    return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
 
 
 def test_saved_model_in_a_fresh_process_matches_keras(model, exported, tmp_path):
@@ -240,9 +231,7 @@ def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_pat
         export_saved_model(model, tmp_path)
     monkeypatch.undo()
     # The parity check failing after a complete write must not publish the version either.
-    monkeypatch.setattr(
-        export_module, "_keras_eps", lambda network, inputs: np.ones((len(inputs["t"]), *SHAPE), np.float32)
-    )
+    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.ones((len(t), *SHAPE), np.float32))
     with pytest.raises(KddpmError, match=r"differs from the Keras model by"):
         export_saved_model(model, tmp_path)
     assert [p.name for p in (tmp_path / "kddpm").iterdir()] == ["1"]
@@ -286,9 +275,7 @@ def test_onnx_parity_failure_is_loud_and_writes_nothing(model, tmp_path, monkeyp
 
     model_file = tmp_path / "model.keras"
     model.save(model_file)
-    monkeypatch.setattr(
-        export_module, "_keras_eps", lambda network, inputs: np.full((len(inputs["t"]), *SHAPE), 0.5, np.float32)
-    )
+    monkeypatch.setattr(export_module, "_keras_eps", lambda network, x_t, t: np.full((len(t), *SHAPE), 0.5, np.float32))
     code = cli.main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert code == 2
@@ -438,50 +425,40 @@ def test_onnx_sampler_rejects_a_file_without_kddpm_metadata(exported, tmp_path):
 # --- The REST client, against a loopback stand-in for TF Serving ----------------------------
 
 
-class ServingStandIn:
-    """A loopback stand-in for TF Serving's REST API over a loaded SavedModel."""
+def test_rest_client_round_trip(model, exported, tmp_path):
+    namespace = {}
+    exec(SERVE_ROWS, namespace)
+    loaded = tf.saved_model.load(str(exported[1]["saved_model"].path))
+    seen = []
 
-    def __init__(self, saved_model_path):
-        namespace = {}
-        exec(SERVE_ROWS, namespace)
-        loaded = tf.saved_model.load(str(saved_model_path))
-        self.seen = []
-        seen = self.seen
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.path)
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            (images,) = namespace["predict"](loaded, request).values()
+            body = json.dumps({"predictions": images.tolist()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                seen.append(self.path)
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                body = json.dumps(rest_response(request, namespace["predict"](loaded, request)), default=bytes.decode)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body.encode())))
-                self.end_headers()
-                self.wfile.write(body.encode())
+        def log_message(self, *args):
+            pass
 
-            def log_message(self, *args):
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
         sys.path.insert(0, str(REPO / "export"))
         import rest_client
 
-        return rest_client
-
-    def __exit__(self, *exc):
+        url = f"http://127.0.0.1:{server.server_port}"
+        images = rest_client.request_samples(url, "kddpm", 4, "ddim", 6, seed=2)
+    finally:
         sys.path.remove(str(REPO / "export"))
-        self.server.shutdown()
-
-
-def test_rest_client_round_trip(model, exported, tmp_path):
-    serving = ServingStandIn(exported[1]["saved_model"].path)
-    with serving as rest_client:
-        images = rest_client.request_samples(serving.url, "kddpm", 4, "ddim", 6, seed=2)
-    assert serving.seen == ["/v1/models/kddpm:predict"]
+        server.shutdown()
+    assert seen == ["/v1/models/kddpm:predict"]
     expected = to_uint8(model.sample(4, seed=2, sampler="ddim", steps=6))
     assert images.dtype == np.uint8 and np.abs(images.astype(int) - expected).max() <= 1
 
@@ -510,6 +487,57 @@ def test_a_mixed_precision_model_is_exported_in_float32(tmp_path):
 
 
 # --- Class-conditional models ---------------------------------------------------------------
+
+# TF Serving's REST columnar format, which a conditional request uses: each named input as it is,
+# cast to the signature's dtype; the answer's "outputs" is the value itself when there is one output.
+SERVE_COLUMNS = """
+import numpy as np
+import tensorflow as tf
+
+def predict(loaded, request):
+    signature = loaded.signatures[request["signature_name"]]
+    specs = signature.structured_input_signature[1]
+    feeds = {name: tf.constant(np.array(request["inputs"][name]), dtype=spec.dtype) for name, spec in specs.items()}
+    outputs = [value.numpy().tolist() for value in signature(**feeds).values()]
+    return {"outputs": [v.decode() if isinstance(v, bytes) else v for v in outputs[0]]}
+"""
+
+
+class ServingStandIn:
+    """A loopback stand-in for TF Serving's REST API (columnar requests) over a loaded SavedModel."""
+
+    def __init__(self, saved_model_path):
+        namespace = {}
+        exec(SERVE_COLUMNS, namespace)
+        loaded = tf.saved_model.load(str(saved_model_path))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = json.dumps(namespace["predict"](loaded, request)).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        sys.path.insert(0, str(REPO / "export"))
+        import rest_client
+
+        return rest_client
+
+    def __exit__(self, *exc):
+        sys.path.remove(str(REPO / "export"))
+        self.server.shutdown()
+
 
 CLASSES = ["ring", "dot", "bar"]
 
@@ -577,42 +605,18 @@ def test_conditional_saved_model_signatures_take_labels_and_guidance(conditional
             )
 
 
-def test_conditional_rest_client_asks_by_class(conditional, conditional_exported):
+def test_conditional_rest_client_asks_by_class(conditional, conditional_exported, tmp_path):
     serving = ServingStandIn(conditional_exported["saved_model"].path)
     with serving as rest_client:
         names = rest_client.class_names(serving.url, "cond")
         images = rest_client.request_samples(
             serving.url, "cond", 2, "ddim", 5, seed=1, labels=[1, 1], guidance_scale=3.0
         )
-        done = rest_client.main(
-            [
-                "--url",
-                serving.url,
-                "--model",
-                "cond",
-                "--num",
-                "2",
-                "--steps",
-                "5",
-                "--seed",
-                "1",
-                "--class",
-                "DOT",
-                "--guidance",
-                "3",
-                "--out",
-                str(Path(tempfile_dir()) / "r.png"),
-            ]
-        )
-    assert names == CLASSES and done == 0
+        options = ["--url", serving.url, "--model", "cond", "--num", "2", "--steps", "5", "--seed", "1"]
+        done = rest_client.main([*options, "--class", "DOT", "--guidance", "3", "--out", str(tmp_path / "r.png")])
+    assert names == CLASSES and done == 0 and (tmp_path / "r.png").is_file()
     expected = to_uint8(conditional.sample(2, seed=1, sampler="ddim", steps=5, labels="dot", guidance_scale=3.0))
     assert np.abs(images.astype(int) - expected).max() <= 1
-
-
-def tempfile_dir():
-    import tempfile
-
-    return tempfile.mkdtemp()
 
 
 @pytest.mark.parametrize("guidance", [0.0, 2.0])

@@ -87,7 +87,7 @@ def test_attention_block_matches_numpy():
     from kddpm.unet import _Blocks
 
     x_in = keras.Input((4, 4, 8))
-    model = keras.Model(x_in, _Blocks(0.0, 2).attention(x_in, "attn"))
+    model = keras.Model(x_in, _Blocks(0.0, 2).attention(x_in))
     rng = np.random.default_rng(1)
     model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
     x = rng.standard_normal((2, 4, 4, 8)).astype(np.float32)
