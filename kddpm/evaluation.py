@@ -16,7 +16,7 @@ from kddpm.errors import KddpmError
 from kddpm.features import FeatureExtractor, feature_extractor, reference_features, reference_images
 from kddpm.metrics import bits_per_dim, feature_statistics, frechet_distance_from_stats, kernel_distance
 from kddpm.metrics import precision_recall as improved_precision_recall
-from kddpm.sampling import to_uint8
+from kddpm.sampling import DEFAULT_STEPS, to_uint8
 
 METRICS = ("fid", "kid", "pr", "bpd")
 FASHION_MNIST_SHAPES = ((28, 28, 1), (32, 32, 1))
@@ -50,7 +50,7 @@ def evaluate(
     metrics: Sequence[str] = ("fid", "kid", "pr"),
     num_samples: int = 10_000,
     sampler: str = "ddim",
-    steps: int | None = 50,
+    steps: int | None = None,
     clip_x0: bool | None = None,
     reference: str | None = None,
     extractor: str | FeatureExtractor | None = None,
@@ -69,7 +69,8 @@ def evaluate(
     fid: float; kid: {'mean', 'std'}; pr: {'precision', 'recall'} (k = 3); bpd: for each
     variance, the mean of {'total', 'prior', 'decoder', 'kl'} over the first ``bpd_images``
     reference images. Samples: ``num_samples`` from the EMA weights with ``sampler``/``steps``
-    (DDIM steps; DDPM takes all T) and ``seed``, in batches of ``batch_size`` (default 256).
+    (default: the sampler's own, DDIM 50, DPM-Solver++ 20; DDPM takes all T) and ``seed``, in
+    batches of ``batch_size`` (default 256).
     """
     started = time.perf_counter()
     log = log or (lambda line: None)
@@ -84,7 +85,7 @@ def evaluate(
     settings: dict[str, Any] = {
         "num_samples": num_samples,
         "sampler": sampler,
-        "steps": steps if sampler == "ddim" else model.schedule.timesteps,
+        "steps": model.schedule.timesteps if sampler == "ddpm" else steps or DEFAULT_STEPS[sampler],
         "clip_x0": clip_x0,
         "seed": seed,
         "reference": reference,
@@ -109,7 +110,7 @@ def evaluate(
             num_samples,
             seed=seed,
             sampler=sampler,
-            steps=steps if sampler == "ddim" else None,
+            steps=None if sampler == "ddpm" else steps,
             clip_x0=clip_x0,
             batch_size=batch_size,
             progress=progress,

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from kddpm.errors import KddpmError
 from kddpm.model import DiffusionModel, load_diffusion_model, network_with_precision
-from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, initial_noise, to_uint8_tensor
+from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, dpm_solver_tables, initial_noise, to_uint8_tensor
 from kddpm.streams import seed_pair
 
 FORMATS = ("saved_model", "onnx", "all")
@@ -236,21 +236,32 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
     def plan(sampler_name, steps):
         is_ddpm = tf.equal(sampler_name, "ddpm")
         is_ddim = tf.equal(sampler_name, "ddim")
+        is_dpm = tf.equal(sampler_name, "dpm++2m")
+        is_dpm_sde = tf.equal(sampler_name, "dpm++2m_sde")
+        known = tf.reduce_any(tf.stack([is_ddpm, is_ddim, is_dpm, is_dpm_sde]))
         valid_steps = tf.logical_or(is_ddpm, tf.logical_and(steps >= 1, steps <= timesteps))
         checks = [
-            tf.debugging.Assert(tf.logical_or(is_ddpm, is_ddim), ["sampler must be ddpm or ddim, got", sampler_name]),
-            tf.debugging.Assert(valid_steps, [f"DDIM steps must be in [1, {timesteps}], got", steps]),
+            tf.debugging.Assert(known, ["sampler must be ddpm, ddim, dpm++2m or dpm++2m_sde, got", sampler_name]),
+            tf.debugging.Assert(valid_steps, [f"steps must be in [1, {timesteps}], got", steps]),
         ]
         with tf.control_dependencies(checks):
 
-            def ddim():
-                ddim_timesteps, rows = ddim_tables(tf.constant(alphas_cumprod), steps, 0.0, clip_x0)
-                return ddim_timesteps, tf.cast(tf.stack(rows, axis=1), tf.float32)
+            def stacked(tables):
+                plan_timesteps, rows = tables
+                return plan_timesteps, tf.cast(tf.stack(rows, axis=1), tf.float32)
 
-            return tf.cond(
-                is_ddpm,
-                lambda: (tf.constant(ddpm.timesteps, tf.int32), tf.constant(ddpm.coefficients())),
-                ddim,
+            def ddim():
+                return stacked(ddim_tables(tf.constant(alphas_cumprod), steps, 0.0, clip_x0))
+
+            def dpm_solver():
+                return stacked(dpm_solver_tables(tf.constant(alphas_cumprod), steps, clip_x0, is_dpm_sde))
+
+            return tf.case(
+                [
+                    (is_ddpm, lambda: (tf.constant(ddpm.timesteps, tf.int32), tf.constant(ddpm.coefficients()))),
+                    (is_ddim, ddim),
+                ],
+                default=dpm_solver,
             )
 
     def run(x_T, seed, sampler_name, steps, labels=None, guidance_scale=None):
@@ -259,9 +270,9 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
         key = seed_pair(seed[0])
         plan_timesteps, coefficients = plan(sampler_name[0], steps[0])
         stop = tf.shape(plan_timesteps)[0]
-        args = (x_T, key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
+        args = (x_T, tf.zeros_like(x_T), key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
         if not classes:
-            return {"images": to_uint8_tensor(loop(*args))}
+            return {"images": to_uint8_tensor(loop(*args)[0])}
         w = guidance_scale[0]
         checks = [
             *label_checks(labels, tf.shape(x_T)[0], "labels"),
@@ -270,7 +281,7 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
         ]
         with tf.control_dependencies(checks):
             # w = 0 runs the network once per step on the batch; w > 0 once on the doubled batch.
-            x_0 = tf.cond(tf.equal(w, 0.0), lambda: loop(*args, labels, w), lambda: guided_loop(*args, labels, w))
+            x_0 = tf.cond(tf.equal(w, 0.0), lambda: loop(*args, labels, w)[0], lambda: guided_loop(*args, labels, w)[0])
         return {"images": to_uint8_tensor(x_0)}
 
     def sample(num_images, seed, sampler, steps, *condition):

@@ -14,6 +14,8 @@ It writes, with random weights (perturbed so that no norm scale is exactly 1 and
   six-level pattern of the 256x256 google/ddpm-* models, at 64x64 with 4-8 channels;
 - in each, ``eps.npz``: inputs x [B, C, H, W] (NCHW, PyTorch's layout), timesteps t [B] and
   the network's output eps [B, C, H, W];
+- ``cifar_pipeline/dpm_solver.npz``: x_T and what DPMSolverMultistepScheduler (defaults) makes
+  of it with that U-Net in 1, 2, 10 and 20 steps (ODE) and 1, 2 and 8 (SDE, with its noise);
 - ``schedules.npz``: DDPMScheduler's float32 betas and alphas_cumprod for each beta_schedule,
   and its variance at a few timesteps.
 
@@ -83,6 +85,33 @@ def write_eps(unet: UNet2DModel, folder: Path, seed: int) -> None:
     np.savez(folder / "eps.npz", x=x.numpy(), t=t.numpy().astype(np.int32), eps=eps.numpy())
 
 
+def write_dpm_solver(unet: UNet2DModel, scheduler_config: dict, folder: Path, seed: int) -> None:
+    """DPMSolverMultistepScheduler (its defaults: DPM-Solver++(2M), midpoint, linspace spacing,
+    final sigma 0) run with the U-Net from a fixed x_T; the SDE variant with recorded noise."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    x_T = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=generator)
+    arrays = {"x_T": x_T.numpy()}
+    for algorithm, key, step_counts in (("dpmsolver++", "ode", (1, 2, 10, 20)), ("sde-dpmsolver++", "sde", (1, 2, 8))):
+        for steps in step_counts:
+            scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config, algorithm_type=algorithm)
+            scheduler.set_timesteps(steps)
+            x, noises = x_T.clone(), []
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    eps = unet(x, t).sample
+                    noise = torch.randn(x.shape, generator=generator)
+                    noises.append(noise.numpy())
+                    x = scheduler.step(eps, t, x, variance_noise=noise).prev_sample
+            arrays[f"{key}_{steps}"] = x.numpy()
+            arrays[f"{key}_{steps}_timesteps"] = scheduler.timesteps.numpy()
+            if key == "sde":
+                arrays[f"{key}_{steps}_noise"] = np.stack(noises)
+    np.savez(folder / "dpm_solver.npz", **arrays)
+
+
 def write_schedules(path: Path) -> None:
     tables = {}
     trained = np.linspace(1e-4, 0.03, 1000) ** 1.5
@@ -113,6 +142,7 @@ def main() -> None:
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small")
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out / "cifar_pipeline", safe_serialization=True)
     write_eps(unet, out / "cifar_pipeline", seed=2)
+    write_dpm_solver(unet, scheduler.config, out / "cifar_pipeline", seed=7)
 
     unet = random_unet(SIX_LEVELS, seed=3)
     unet.save_pretrained(out / "six_levels", safe_serialization=True)

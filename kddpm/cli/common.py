@@ -10,6 +10,9 @@ GRID_IMAGES = 64
 # Classifier-free guidance scale w of kddpm sample and the training grids of conditional models
 # (chosen from the figures of the guidance benchmark; see the README).
 DEFAULT_GUIDANCE = 1.0
+# kddpm sample's sampler (its steps are the sampler's default), chosen from the quality-per-call
+# figures in the README.
+DEFAULT_SAMPLER = "ddpm"
 
 
 def verbose_flag() -> argparse.ArgumentParser:

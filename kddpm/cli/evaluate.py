@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from kddpm.cli.common import positive
+from kddpm.sampling.plans import SAMPLERS
 
 
 def add_parser(verbs, common) -> None:
@@ -23,8 +24,10 @@ def add_parser(verbs, common) -> None:
         "--metrics", default="fid,kid,pr,bpd", help="comma-separated: fid, kid, pr, bpd (default: all four)"
     )
     evaluate.add_argument("--num-samples", type=int, default=10_000, help="generated images (default 10000)")
-    evaluate.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="default ddim")
-    evaluate.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM takes all T")
+    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default ddim")
+    evaluate.add_argument(
+        "--steps", type=int, help="steps of ddim (default 50) and dpm++2m, dpm++2m_sde (default 20); DDPM takes all T"
+    )
     evaluate.add_argument(
         "--clip-x0",
         action=argparse.BooleanOptionalAction,
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     positive(args, "num_samples", "steps", "bpd_images", "batch_size")
     metrics = parse_metrics(args.metrics)
     if args.sampler == "ddpm" and args.steps is not None:
-        raise KddpmError("DDPM takes all T steps; use --sampler ddim for --steps.")
+        raise KddpmError("DDPM takes all T steps; use --sampler ddim or dpm++2m for --steps.")
     model_path = Path(args.model)
     out = Path(args.out) if args.out else (model_path if model_path.is_dir() else model_path.parent) / "evaluation.json"
     if out.suffix.lower() != ".json":
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         metrics,
         num_samples=args.num_samples,
         sampler=args.sampler,
-        steps=args.steps or 50,
+        steps=args.steps,
         clip_x0=args.clip_x0,
         reference=args.reference,
         extractor=args.extractor,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kddpm.cli.common import DEFAULT_GUIDANCE, add_grid_scale, positive
+from kddpm.cli.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, add_grid_scale, positive
+from kddpm.sampling.plans import DEFAULT_STEPS, SAMPLERS
 
 
 def add_parser(verbs, common) -> None:
@@ -15,8 +16,15 @@ def add_parser(verbs, common) -> None:
     sample.add_argument("--model", required=True, help="run folder or .keras file")
     sample.add_argument("--num", type=int, help="number of images (default 64; 4 with --trajectory)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    sample.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
+    sample.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default=DEFAULT_SAMPLER,
+        help=f"default {DEFAULT_SAMPLER} (see the README's quality-per-call figures)",
+    )
+    sample.add_argument(
+        "--steps", type=int, help="steps of ddim (default 50) and dpm++2m, dpm++2m_sde (default 20); DDPM takes all T"
+    )
     sample.add_argument("--eta", type=float, help="DDIM noise scale (default 0: deterministic); DDIM only")
     sample.add_argument(
         "--variance", choices=["beta_tilde", "beta"], help="DDPM's sigma^2 (default beta_tilde); DDPM only"
@@ -70,17 +78,18 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise KddpmError(f"--out {out} must end in .png.")
     model = load_diffusion_model(args.model)
-    steps = args.steps if args.sampler == "ddim" else None
+    steps = args.steps if args.sampler != "ddpm" else None
     if args.sampler == "ddpm" and args.steps not in (None, model.schedule.timesteps):
         raise KddpmError(
-            f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim for --steps {args.steps}."
+            f"DDPM takes all {model.schedule.timesteps} steps; use --sampler ddim or dpm++2m for --steps {args.steps}."
         )
     num = args.num or (4 if args.trajectory else 64)
     labels, columns, row_labels = _labels(model, args, num)
     num = num if labels is None else len(labels)
     guidance = 0.0 if labels is None else (DEFAULT_GUIDANCE if args.guidance is None else args.guidance)
     guided = f", guidance {guidance:g}" if labels is not None else ""
-    print(f"Sampling {num} images with {args.sampler.upper()} ({steps or model.schedule.timesteps} steps{guided})")
+    shown = steps or DEFAULT_STEPS.get(args.sampler) or model.schedule.timesteps
+    print(f"Sampling {num} images with {args.sampler.upper()} ({shown} steps{guided})")
     options = dict(seed=args.seed, sampler=args.sampler, steps=steps, eta=args.eta, variance=args.variance)
     options.update(labels=labels, guidance_scale=guidance)
     precision = _sampling_precision(args.mixed_precision)

@@ -2,6 +2,7 @@
 
 from kddpm.sampling.loop import XLA_CPU_MAX_BATCH, Sampler, initial_noise, step_noise, to_uint8, to_uint8_tensor
 from kddpm.sampling.plans import (
+    DEFAULT_STEPS,
     SAMPLERS,
     VARIANCES,
     SamplingPlan,
@@ -9,10 +10,13 @@ from kddpm.sampling.plans import (
     ddim_tables,
     ddim_timesteps,
     ddpm_plan,
+    dpm_solver_plan,
+    dpm_solver_tables,
     make_plan,
 )
 
 __all__ = [
+    "DEFAULT_STEPS",
     "SAMPLERS",
     "VARIANCES",
     "XLA_CPU_MAX_BATCH",
@@ -22,6 +26,8 @@ __all__ = [
     "ddim_tables",
     "ddim_timesteps",
     "ddpm_plan",
+    "dpm_solver_plan",
+    "dpm_solver_tables",
     "initial_noise",
     "make_plan",
     "step_noise",

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
-from kddpm.sampling.plans import SamplingPlan
+from kddpm.sampling.plans import NUM_COEFFICIENTS, SamplingPlan
 from kddpm.streams import example_normals, fold_in, seed_pair
 
 # On CPU, XLA's compiled loop beats TensorFlow's oneDNN kernels only at small batches. Per
@@ -117,12 +117,15 @@ class Sampler:
         first = tf.constant(first_image, tf.int32)
         extra = (() if noise is None else (noise,)) + condition
         steps = plan.num_steps
+        x0_prev = tf.zeros_like(x)  # a multistep solver's history, carried across chunks
         if not progress:
-            return loop(x, key, first, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)
+            return loop(x, x0_prev, key, first, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)[0]
         bar = keras.utils.Progbar(steps, unit_name="step")
         bounds = np.unique(np.linspace(0, steps, min(chunks, steps) + 1).round().astype(np.int32))
         for start, stop in itertools.pairwise(bounds):
-            x = loop(x, key, first, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra)
+            x, x0_prev = loop(
+                x, x0_prev, key, first, timesteps, coefficients, tf.constant(start), tf.constant(stop), *extra
+            )
             bar.update(int(stop))
         return x
 
@@ -170,10 +173,12 @@ class Sampler:
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
         first = tf.constant(0)
+        x0_prev = tf.zeros_like(x)
         shots, done = [], 0
         for bound in np.unique(np.linspace(0, plan.num_steps, snapshots).round().astype(np.int32)):
             if bound > done:
-                x = loop(x, key, first, timesteps, coefficients, tf.constant(done), tf.constant(int(bound)), *condition)
+                stretch = (tf.constant(done), tf.constant(int(bound)))
+                x, x0_prev = loop(x, x0_prev, key, first, timesteps, coefficients, *stretch, *condition)
                 done = int(bound)
             if bound < plan.num_steps:
                 t = int(plan.timesteps[bound])
@@ -190,10 +195,11 @@ class Sampler:
         if key not in self._functions:
             signature = [
                 tf.TensorSpec([None, *self.image_shape], tf.float32),
+                tf.TensorSpec([None, *self.image_shape], tf.float32),
                 tf.TensorSpec([2], tf.int64),
                 tf.TensorSpec([], tf.int32),
                 tf.TensorSpec([None], tf.int32),
-                tf.TensorSpec([None, 6], tf.float32),
+                tf.TensorSpec([None, NUM_COEFFICIENTS], tf.float32),
                 tf.TensorSpec([], tf.int32),
                 tf.TensorSpec([], tf.int32),
             ]
@@ -233,31 +239,34 @@ class Sampler:
 
     def loop(self, clip_x0: bool, explicit_noise: bool, guided: bool = False):
         """The reverse loop as a plain Python function of tensors, for use inside any graph:
-        ``loop(x, key, first, timesteps, coefficients, start, stop[, noise][, labels, guidance])
-        -> x`` runs plan steps [start, stop) from x, images first .. first + B - 1 of the key's
-        streams; timesteps [S] int32, coefficients [S, 6] float32; labels [B] int32 and
+        ``loop(x, x0_prev, key, first, timesteps, coefficients, start, stop[, noise][, labels,
+        guidance]) -> (x, x0_prev)`` runs plan steps [start, stop) from x, images first ..
+        first + B - 1 of the key's streams; x0_prev: the previous step's x0_hat (zeros before
+        the first step); timesteps [S] int32, coefficients [S, 7] float32; labels [B] int32 and
         guidance [] float32 for a conditional network (``guided``: w may be non-zero)."""
         eps_of = self.eps_function(guided)
         image_shape = self.image_shape
 
-        def loop(x, key, first, timesteps, coefficients, start, stop, *extra):
+        def loop(x, x0_prev, key, first, timesteps, coefficients, start, stop, *extra):
             noise = extra[0] if explicit_noise else None
             condition = extra[1:] if explicit_noise else extra
             batch = tf.shape(x)[0]
 
-            def step(k, x):
+            def step(k, x, x0_prev):
                 t = tf.fill([batch], timesteps[k])
                 eps = eps_of(x, t, *condition)
-                x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma = tf.unstack(coefficients[k])
-                x_prev = coef_xt * x + coef_eps * eps
+                x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, coef_x0_prev = tf.unstack(coefficients[k])
+                x0_hat = x0_from_xt * x - x0_from_eps * eps
                 if clip_x0:
-                    x0_hat = tf.clip_by_value(x0_from_xt * x - x0_from_eps * eps, -1.0, 1.0)
-                    x_prev += coef_x0 * x0_hat
+                    x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
+                # DDPM and DDIM weigh x0_hat only when clipping, and x0_prev never (their rows
+                # are 0 there, which adds exactly nothing).
+                x_prev = coef_xt * x + coef_eps * eps + (coef_x0 * x0_hat + coef_x0_prev * x0_prev)
                 z = noise[k] if explicit_noise else step_noise(key, k, first, batch, image_shape)
-                return k + 1, x_prev + sigma * z
+                return k + 1, x_prev + sigma * z, x0_hat
 
-            _, x = tf.while_loop(lambda k, _: k < stop, step, (start, x), parallel_iterations=1)
-            return x
+            _, x, x0_prev = tf.while_loop(lambda k, *_: k < stop, step, (start, x, x0_prev), parallel_iterations=1)
+            return x, x0_prev
 
         return loop
 

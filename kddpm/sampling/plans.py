@@ -25,8 +25,11 @@ import tensorflow as tf
 from kddpm.errors import KddpmError
 from kddpm.schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
 VARIANCES = ("beta_tilde", "beta")
+# Default steps of the samplers that take a step count.
+DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
+NUM_COEFFICIENTS = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +43,7 @@ class SamplingPlan:
     coef_xt: np.ndarray
     coef_eps: np.ndarray
     sigma: np.ndarray
+    coef_x0_prev: np.ndarray  # the previous step's x0_hat (multistep solvers; zero otherwise)
     clip_x0: bool
 
     @property
@@ -47,11 +51,9 @@ class SamplingPlan:
         return len(self.timesteps)
 
     def coefficients(self) -> np.ndarray:
-        """The six coefficient rows stacked as [S, 6] float32, in the loop's order."""
-        return np.stack(
-            [self.x0_from_xt, self.x0_from_eps, self.coef_x0, self.coef_xt, self.coef_eps, self.sigma],
-            axis=1,
-        ).astype(np.float32)
+        """The seven coefficient rows stacked as [S, 7] float32, in the loop's order."""
+        rows = [self.x0_from_xt, self.x0_from_eps, self.coef_x0, self.coef_xt, self.coef_eps, self.sigma]
+        return np.stack([*rows, self.coef_x0_prev], axis=1).astype(np.float32)
 
 
 def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool = False) -> SamplingPlan:
@@ -77,13 +79,14 @@ def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bo
         coef_xt=coef_xt[timesteps],
         coef_eps=coef_eps[timesteps],
         sigma=np.sqrt(variances)[timesteps],
+        coef_x0_prev=np.zeros(s.timesteps),
         clip_x0=clip_x0,
     )
 
 
 def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     """``steps`` timesteps evenly spaced over [0, T-1], both ends included, decreasing."""
-    _check_ddim_steps(timesteps, steps)
+    _check_steps("DDIM", timesteps, steps)
     return ddim_tables(tf.zeros([timesteps], tf.float64), tf.constant(steps))[0].numpy().astype(np.int64)
 
 
@@ -91,7 +94,7 @@ def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x
     """DDIM over ``steps`` timesteps: eta = 0 is deterministic, eta = 1 over all T is DDPM."""
     if eta < 0:
         raise KddpmError(f"eta must be >= 0, got {eta}.")
-    _check_ddim_steps(schedule.timesteps, steps)
+    _check_steps("DDIM", schedule.timesteps, steps)
     timesteps, rows = ddim_tables(tf.constant(schedule.alphas_cumprod), tf.constant(steps), eta, clip_x0)
     return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=clip_x0)
 
@@ -102,7 +105,7 @@ def ddim_tables(
     """The DDIM plan as tensors, so that a graph can build it from a ``steps`` input.
 
     alphas_cumprod: [T] float64. steps: int32 scalar in [1, T]. Returns timesteps [S] int32
-    and the six coefficient rows, each [S] float64, in ``SamplingPlan`` order.
+    and the seven coefficient rows, each [S] float64, in ``SamplingPlan`` order.
     """
     last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
     timesteps = tf.cast(tf.round(tf.linspace(last, tf.constant(0.0, tf.float64), steps)), tf.int32)
@@ -121,12 +124,73 @@ def ddim_tables(
         coef_eps = direction - tf.sqrt(abar_prev) * tf.sqrt(1.0 - abar) / tf.sqrt(abar)
     x0_from_xt = 1.0 / tf.sqrt(abar)
     x0_from_eps = tf.sqrt(1.0 / abar - 1.0)
-    return timesteps, [x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma]
+    return timesteps, [x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, zeros]
 
 
-def _check_ddim_steps(timesteps: int, steps: int) -> None:
+def dpm_solver_plan(
+    schedule: NoiseSchedule, steps: int = 20, clip_x0: bool = False, stochastic: bool = False
+) -> SamplingPlan:
+    """DPM-Solver++(2M) (Lu et al. 2022) over ``steps`` steps; ``stochastic``: its SDE variant."""
+    _check_steps("DPM-Solver++", schedule.timesteps, steps)
+    timesteps, rows = dpm_solver_tables(tf.constant(schedule.alphas_cumprod), tf.constant(steps), clip_x0, stochastic)
+    return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=clip_x0)
+
+
+def dpm_solver_tables(
+    alphas_cumprod: tf.Tensor, steps: tf.Tensor, clip_x0: bool = False, stochastic: bool | tf.Tensor = False
+) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    """DPM-Solver++(2M) as tensors (for graphs that take ``steps`` as an input), as diffusers'
+    ``DPMSolverMultistepScheduler`` defaults run it.
+
+    Timesteps: round(linspace(0, T - 1, steps + 1)) reversed, the last (0) dropped; the solver
+    then steps from each to the next and from the last to sigma = 0 (x0 itself). With
+    alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), h = lambda_next -
+    lambda and the data predictions m0 (this step) and m1 (the previous one):
+
+        first order (the first and the last step):  x' = sigma'/sigma x - alpha' (e^-h - 1) m0
+        second order (midpoint), r = h_prev / h:    x' = sigma'/sigma x - alpha' (e^-h - 1) (m0 + (m0 - m1) / 2r)
+
+    The SDE variant (sde-dpmsolver++): x' = sigma'/sigma e^-h x + alpha' (1 - e^-2h) (m0 [+ (m0 - m1)
+    / 2r]) + sigma' sqrt(1 - e^-2h) z. Both are linear in x, m0 and m1: the seven ``SamplingPlan`` rows.
+    alphas_cumprod: [T] float64; steps: int32 scalar in [1, T]. Returns timesteps [S] int32 and rows [S].
+    """
+    last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
+    grid = tf.round(tf.linspace(tf.constant(0.0, tf.float64), last, steps + 1))
+    timesteps = tf.cast(tf.reverse(grid, [0])[:-1], tf.int32)
+    abar = tf.gather(alphas_cumprod, timesteps)
+    alpha, sigma = tf.sqrt(abar), tf.sqrt(1.0 - abar)
+    alpha_next = tf.concat([alpha[1:], tf.ones([1], tf.float64)], 0)
+    sigma_next = tf.concat([sigma[1:], tf.zeros([1], tf.float64)], 0)  # final sigma 0: the last step gives x0
+    lam = tf.math.log(alpha) - tf.math.log(sigma)
+    lam_next = tf.math.log(alpha_next) - tf.math.log(sigma_next)  # +inf at the end
+    h = lam_next - lam
+    h_prev = lam - tf.concat([lam[:1], lam[:-1]], 0)
+    count = tf.shape(timesteps)[0]
+    index = tf.range(count)
+    second_order = (index > 0) & (index < count - 1)
+    # 1 / (2r) where the step is second order; the other steps' values are never used.
+    half_over_r = tf.where(second_order, 0.5 * h / tf.where(second_order, h_prev, 1.0), 0.0)
+    stochastic = tf.cast(stochastic, tf.bool)
+    decay = tf.exp(-h)
+    weight = tf.where(stochastic, alpha_next * (1.0 - decay**2), -alpha_next * (decay - 1.0))
+    coef_xt = tf.where(stochastic, sigma_next / sigma * decay, sigma_next / sigma)
+    noise = tf.where(stochastic, sigma_next * tf.sqrt(tf.maximum(1.0 - decay**2, 0.0)), 0.0)
+    zeros = tf.zeros_like(abar)
+    rows = [
+        1.0 / alpha,  # x0_from_xt
+        sigma / alpha,  # x0_from_eps
+        weight * (1.0 + half_over_r),  # coef_x0: m0
+        coef_xt,
+        zeros,  # coef_eps
+        noise,
+        -weight * half_over_r,  # coef_x0_prev: m1
+    ]
+    return timesteps, rows
+
+
+def _check_steps(name: str, timesteps: int, steps: int) -> None:
     if not 1 <= steps <= timesteps:
-        raise KddpmError(f"DDIM steps must be between 1 and T={timesteps}, got {steps}.")
+        raise KddpmError(f"{name} steps must be between 1 and T={timesteps}, got {steps}.")
 
 
 def make_plan(
@@ -138,8 +202,9 @@ def make_plan(
     clip_x0: bool = False,
 ) -> SamplingPlan:
     """The plan for ``sampler``: 'ddpm' over all T steps (``variance``, default 'beta_tilde'),
-    or 'ddim' over ``steps`` (default 50) with ``eta`` (default 0). An option the sampler does
-    not take is an error rather than silently ignored."""
+    'ddim' over ``steps`` (default 50) with ``eta`` (default 0), or 'dpm++2m' / 'dpm++2m_sde'
+    (DPM-Solver++(2M), ODE or SDE) over ``steps`` (default 20). An option the sampler does not
+    take is an error rather than silently ignored."""
     if sampler not in SAMPLERS:
         raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
@@ -152,6 +217,11 @@ def make_plan(
         if eta is not None:
             raise KddpmError("eta is DDIM's option; DDPM's noise is set by variance ('beta_tilde' or 'beta').")
         return ddpm_plan(schedule, variance or "beta_tilde", clip_x0)
+    steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
+    if sampler.startswith("dpm++"):
+        if eta is not None or variance is not None:
+            raise KddpmError(f"{sampler} takes steps and clip_x0 only (eta is DDIM's option, variance DDPM's).")
+        return dpm_solver_plan(schedule, steps, clip_x0, stochastic=sampler == "dpm++2m_sde")
     if variance is not None:
         raise KddpmError("variance is DDPM's option; DDIM's noise is set by eta (0: deterministic, 1: DDPM-like).")
-    return ddim_plan(schedule, 50 if steps is None else int(steps), 0.0 if eta is None else float(eta), clip_x0)
+    return ddim_plan(schedule, steps, 0.0 if eta is None else float(eta), clip_x0)
