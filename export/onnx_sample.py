@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from grid import image_grid  # kddpm/grid.py, the grid every kddpm tool writes
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
 
 
 class KddpmOnnxError(ValueError):
@@ -81,11 +81,12 @@ def betas_of(schedule: dict) -> np.ndarray:
 
 def plan(
     betas: np.ndarray, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, variance: str = "beta_tilde"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(timesteps [S], x0 coefficients [S], posterior coefficients of (x0, x_t) [S, 2], sigma [S]).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(timesteps [S], x0 coefficients a [S], coefficients (b, c) of (x_t, eps) [S, 2], sigma [S],
+    coefficients d of the previous step's x0_hat [S]).
 
     Each step computes x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clips
-    it, and returns x_prev = a * x0_hat + b * x_t + c * eps + sigma * z (see ``step``).
+    it, and returns x_prev = a * x0_hat + b * x_t + c * eps + d * x0_hat_before + sigma * z.
     """
     timesteps_total = len(betas)
     alphas = 1.0 - betas
@@ -106,7 +107,7 @@ def plan(
         else:
             raise KddpmOnnxError(f"Unknown variance {variance!r}; use 'beta_tilde' or 'beta'.")
         sigma2[-1] = 0.0  # the last step returns the mean
-        return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2)
+        return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2), np.zeros_like(a)
     if sampler == "ddim":
         steps = 50 if steps is None else int(steps)
         if not 1 <= steps <= timesteps_total:
@@ -117,8 +118,35 @@ def plan(
         sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
         direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
         a = np.sqrt(abar_prev)
-        return taus, a, np.stack([np.zeros_like(a), direction], axis=1), sigma
+        return taus, a, np.stack([np.zeros_like(a), direction], axis=1), sigma, np.zeros_like(a)
+    if sampler in ("dpm++2m", "dpm++2m_sde"):
+        return _dpm_solver_plan(abar, 20 if steps is None else int(steps), sampler == "dpm++2m_sde")
     raise KddpmOnnxError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+
+
+def _dpm_solver_plan(abar: np.ndarray, steps: int, stochastic: bool):
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults: timesteps round(linspace(0, T-1,
+    steps+1)) reversed without the last, first order at the first and last step (to sigma 0),
+    second order (midpoint) between; ``stochastic``: the SDE variant."""
+    if not 1 <= steps <= len(abar):
+        raise KddpmOnnxError(f"DPM-Solver++ steps must be between 1 and T={len(abar)}, got {steps}.")
+    taus = np.linspace(0, len(abar) - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    alpha, sigma = np.sqrt(abar[taus]), np.sqrt(1.0 - abar[taus])
+    alpha_next, sigma_next = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0)
+    lam = np.log(alpha / sigma)
+    with np.errstate(divide="ignore"):
+        lam_next = np.log(alpha_next / sigma_next)  # +inf at the end
+    h = lam_next - lam
+    decay = np.exp(-h)
+    if stochastic:
+        weight, b, noise = alpha_next * (1.0 - decay**2), sigma_next / sigma * decay, sigma_next * np.sqrt(1 - decay**2)
+    else:
+        weight, b, noise = alpha_next * (1.0 - decay), sigma_next / sigma, np.zeros_like(alpha)
+    half_over_r = np.zeros_like(alpha)  # 1 / 2r of the second-order steps, r = h_prev / h
+    inner = np.arange(1, len(taus) - 1)
+    half_over_r[inner] = 0.5 * h[inner] / (lam[inner] - lam[inner - 1])
+    a, d = weight * (1.0 + half_over_r), -weight * half_over_r
+    return taus, a, np.stack([b, np.zeros_like(a)], axis=1), noise, d
 
 
 def sample(
@@ -147,7 +175,7 @@ def sample(
     variance = metadata["variance"] if variance is None else variance
     clip_x0 = metadata["clip_x0"] if clip_x0 is None else clip_x0
     betas = betas_of(metadata["schedule"])
-    taus, coef_x0, coef_xt_eps, sigma = plan(betas, sampler, steps, eta, variance)
+    taus, coef_x0, coef_xt_eps, sigma, coef_x0_prev = plan(betas, sampler, steps, eta, variance)
     abar = np.cumprod(1.0 - betas)
     rng = np.random.default_rng(seed)
     if x_T is None:
@@ -160,13 +188,21 @@ def sample(
             f"x_T has shape {x.shape}; this model takes [B, {', '.join(map(str, metadata['image_shape']))}]."
         )
     eps_of = _eps_function(session, metadata, labels, guidance_scale, len(x))
+    x0_before = np.zeros_like(x)
     for k, t in enumerate(taus):
         eps = eps_of(x.astype(np.float32), np.full(len(x), t, dtype=np.int32))
         x0_hat = (x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t])
         if clip_x0:
             x0_hat = np.clip(x0_hat, -1.0, 1.0)
         z = rng.standard_normal(x.shape) if noise is None else noise[k]
-        x = coef_x0[k] * x0_hat + coef_xt_eps[k, 0] * x + coef_xt_eps[k, 1] * eps + sigma[k] * z
+        x = (
+            coef_x0[k] * x0_hat
+            + coef_xt_eps[k, 0] * x
+            + coef_xt_eps[k, 1] * eps
+            + coef_x0_prev[k] * x0_before
+            + sigma[k] * z
+        )
+        x0_before = x0_hat
     return x.astype(np.float32)
 
 
@@ -254,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default 50); DDPM always takes T")
+    parser.add_argument(
+        "--steps", type=int, help="steps of ddim (default 50) and dpm++2m, dpm++2m_sde (default 20); DDPM takes all T"
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
     parser.add_argument(
         "--clip-x0",

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default="http://localhost:8501", help="the server's REST address")
     parser.add_argument("--model", default="kddpm", help="model name in models.config")
     parser.add_argument("--num", type=int, default=16)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (DDPM ignores it)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m", "dpm++2m_sde"], default="ddim")
+    parser.add_argument("--steps", type=int, default=50, help="steps of ddim and dpm++2m (DDPM ignores it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--class",

@@ -681,3 +681,45 @@ def test_conditional_onnx_sampler_script_by_class_name(conditional_exported, tmp
         timeout=300,
     )
     assert bad.returncode == 2 and "Unknown class 'cat'; this model's classes are ring, dot, bar" in bad.stderr
+
+
+# --- DPM-Solver++ in the exports ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++2m_sde"])
+def test_saved_model_samples_with_dpm_solver(model, exported, sampler):
+    loaded = tf.saved_model.load(str(exported[1]["saved_model"].path))
+    images = loaded.signatures["sample"](
+        num_images=tf.constant([3]),
+        seed=tf.constant([6], tf.int64),
+        sampler=tf.constant([sampler]),
+        steps=tf.constant([8]),
+    )["images"].numpy()
+    expected = to_uint8(model.sample(3, seed=6, sampler=sampler, steps=8))
+    assert np.abs(images.astype(int) - expected).max() <= 1
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="sampler must be ddpm, ddim, dpm\\+\\+2m or dpm\\+\\+2m_sde"
+    ):
+        loaded.signatures["sample"](
+            num_images=tf.constant([1]),
+            seed=tf.constant([0], tf.int64),
+            sampler=tf.constant(["euler"]),
+            steps=tf.constant([8]),
+        )
+
+
+@pytest.mark.parametrize("sampler, clip_x0", [("dpm++2m", False), ("dpm++2m", True), ("dpm++2m_sde", False)])
+def test_onnx_sampler_runs_dpm_solver_like_the_tf_sampler(model, exported, sampler, clip_x0):
+    import onnxruntime
+
+    from kddpm.sampling import make_plan
+
+    onnx_sample = load_onnx_sample()
+    session = onnxruntime.InferenceSession(str(exported[1]["onnx"].path), providers=["CPUExecutionProvider"])
+    plan = make_plan(model.schedule, sampler, 9, clip_x0=clip_x0)
+    rng = np.random.default_rng(4)
+    x_T = rng.standard_normal((3, *SHAPE)).astype(np.float32)
+    noise = rng.standard_normal((plan.num_steps, 3, *SHAPE)).astype(np.float32)
+    reference = Sampler(model.ema_denoiser, SHAPE).sample(plan, x_T=x_T, noise=noise).numpy()
+    images = onnx_sample.sample(session, sampler=sampler, steps=9, clip_x0=clip_x0, x_T=x_T, noise=noise)
+    np.testing.assert_allclose(images, reference, atol=1e-3, rtol=0)
