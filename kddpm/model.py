@@ -399,9 +399,10 @@ class DiffusionModel(keras.Model):
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
         sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``, 'beta_tilde' or
-        'beta', default the model's ``variance``) or 'ddim' (``steps`` steps, default 50,
-        stochasticity ``eta``, default 0). An option that does not apply to the sampler is an
-        error. clip_x0: clip the predicted x0 to [-1, 1] at every step (default: the model's
+        'beta', default the model's ``variance``), 'ddim' (``steps`` steps, default 50,
+        stochasticity ``eta``, default 0), or DPM-Solver++(2M) 'dpm++2m' / 'dpm++2m_sde'
+        (``steps``, default 20). An option that does not apply to the sampler is an error.
+        clip_x0: clip the predicted x0 to [-1, 1] at every step (default: the model's
         ``clip_x0``). use_ema: sample with the EMA weights (the default, as the paper does).
         batch_size: images per graph call (default: all); image i of a seed is the same
         whatever the batch size. jit_compile: XLA on or off, or

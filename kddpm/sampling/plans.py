@@ -213,7 +213,9 @@ def make_plan(
         raise KddpmError(f"eta must be a finite number >= 0, got {eta!r}.")
     if sampler == "ddpm":
         if steps not in (None, schedule.timesteps):
-            raise KddpmError(f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' for {steps}.")
+            raise KddpmError(
+                f"DDPM samples over all T={schedule.timesteps} steps; use sampler='ddim' or 'dpm++2m' for {steps}."
+            )
         if eta is not None:
             raise KddpmError("eta is DDIM's option; DDPM's noise is set by variance ('beta_tilde' or 'beta').")
         return ddpm_plan(schedule, variance or "beta_tilde", clip_x0)
