@@ -232,7 +232,8 @@ def _eps_function(session, metadata: dict, labels, guidance_scale: float, batch:
 
 
 def class_index(metadata: dict, name_or_index: str) -> int:
-    """A class given by name (case-insensitive) or index, checked against the model's classes."""
+    """A class given by name (case-insensitive) or index, checked against the model's classes
+    (``metadata``: ``num_classes`` and ``class_names``, as ``read_metadata`` gives them)."""
     classes, names = metadata["num_classes"], metadata["class_names"]
     if not classes:
         raise KddpmOnnxError("This model is unconditional; --class needs a class-conditional model.")
@@ -285,6 +286,26 @@ def open_session(model: str | Path):
         raise KddpmOnnxError(f"Cannot load {model} ({str(error).splitlines()[0][:200]}); export it again.") from None
 
 
+def add_class_arguments(parser: argparse.ArgumentParser) -> None:
+    """--class and --guidance, as both deployment clients take them."""
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME_OR_INDEX",
+        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
+    )
+    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
+
+
+def class_rows(indices: list[int], num: int) -> tuple[np.ndarray, int | None]:
+    """(labels, images per row): one class for all ``num`` images, or one row per class."""
+    if len(indices) == 1:
+        return np.full(num, indices[0], np.int32), None
+    per_row = max(1, num // len(indices))
+    return np.repeat(np.asarray(indices, np.int32), per_row), per_row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Sample a PNG grid from a kddpm ONNX denoiser (numpy + onnxruntime).")
     parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
@@ -300,14 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--class",
-        dest="classes",
-        action="append",
-        metavar="NAME_OR_INDEX",
-        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
-    )
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
+    add_class_arguments(parser)
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
@@ -319,9 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         session = open_session(args.model)
         labels, columns, guidance = None, None, 0.0
         if args.classes:
-            indices = [class_index(read_metadata(session), name) for name in args.classes]
-            columns = max(1, args.num // len(indices)) if len(indices) > 1 else None
-            labels = np.repeat(indices, columns) if columns else np.full(args.num, indices[0])
+            metadata = read_metadata(session)
+            labels, columns = class_rows([class_index(metadata, name) for name in args.classes], args.num)
             guidance = args.guidance
         num = args.num if labels is None else len(labels)
         images = sample(

@@ -20,7 +20,7 @@ import urllib.request
 
 import numpy as np
 from grid import image_grid
-from onnx_sample import write_png
+from onnx_sample import KddpmOnnxError, add_class_arguments, class_index, class_rows, write_png
 
 
 def request_samples(
@@ -82,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m", "dpm++2m_sde"], default="ddim")
     parser.add_argument("--steps", type=int, default=50, help="steps of ddim and dpm++2m (DDPM ignores it)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--class",
-        dest="classes",
-        action="append",
-        metavar="NAME_OR_INDEX",
-        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
-    )
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
+    add_class_arguments(parser)
     parser.add_argument("--out", default="served_samples.png")
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
@@ -97,17 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     labels, columns, guidance = None, None, 0.0
     if args.classes:
-        names = [name.lower() for name in class_names(args.url, args.model)]
-        indices = []
-        for name in args.classes:
-            if name.strip().isdigit():
-                indices.append(int(name))
-            elif name.lower() in names:
-                indices.append(names.index(name.lower()))
-            else:
-                raise SystemExit(f"error: unknown class {name!r}; the model's classes are {', '.join(names)}.")
-        columns = max(1, args.num // len(indices)) if len(indices) > 1 else None
-        labels = [int(c) for c in np.repeat(indices, columns or args.num)]
+        names = class_names(args.url, args.model)
+        metadata = {"num_classes": len(names), "class_names": names}
+        try:
+            indices = [class_index(metadata, name) for name in args.classes]
+        except KddpmOnnxError as error:
+            raise SystemExit(f"error: {error}") from None
+        labels, columns = class_rows(indices, args.num)
+        labels = [int(label) for label in labels]
         guidance = args.guidance
     num = args.num if labels is None else len(labels)
     images = request_samples(

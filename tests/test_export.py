@@ -545,13 +545,10 @@ CLASSES = ["ring", "dot", "bar"]
 @pytest.fixture(scope="module")
 def conditional():
     """A tiny 3-class model with random EMA weights, exported to both formats."""
-    model = DiffusionModel(
-        tiny_unet(SHAPE, num_classes=3, seed=2), NoiseSchedule.linear(T), num_classes=3, class_names=CLASSES
-    )
-    rng = np.random.default_rng(7)
-    model.ema_denoiser.set_weights(
-        [rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.ema_denoiser.get_weights()]
-    )
+    network = tiny_unet(SHAPE, num_classes=3, seed=2)
+    model = DiffusionModel(network, NoiseSchedule.linear(T), num_classes=3, class_names=CLASSES)
+    weights = model.ema_denoiser.get_weights()
+    model.ema_denoiser.set_weights([np.random.default_rng(7).normal(0, 0.2, w.shape) for w in weights])
     return model
 
 
