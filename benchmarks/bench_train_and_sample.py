@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3, help="alternating batch-1 measurements")
     parser.add_argument("--no-train", action="store_true", help="measure the samplers only")
+    parser.add_argument(
+        "--demo-only", action="store_true", help="training only: the demo preset, unconditional vs conditional"
+    )
     args = parser.parse_args()
 
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores")
@@ -89,11 +92,15 @@ def main() -> None:
     trained = (("small", "float32", False), ("small", "mixed_bfloat16", False), ("demo", "float32", False))
     # The conditional demo must train in the unconditional demo's time budget.
     trained += (("demo", "float32", True),)
+    if args.demo_only:  # the demo, unconditional and conditional, alternating
+        trained = (("demo", "float32", False), ("demo", "float32", True)) * args.rounds
     for preset, precision, conditional in () if args.no_train else trained:
         rate = train_throughput(preset, precision, args.train_steps, conditional=conditional)
         kind = "conditional" if conditional else ""
         print(f"  {preset:6s} {precision:15s} {kind:11s} {rate:7.1f}", flush=True)
 
+    if args.demo_only:
+        return
     print("\nSampling with the small preset's U-Net (ms per reverse step):")
     model = create_model(PRESETS["small"], seed=0)
     network, shape = model.ema_denoiser, PRESETS["small"].image_shape

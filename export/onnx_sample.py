@@ -295,7 +295,7 @@ def add_class_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_INDEX",
         help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
     )
-    parser.add_argument("--guidance", type=float, default=1.0, help="guidance scale w with --class (default 1)")
+    parser.add_argument("--guidance", type=float, default=0.5, help="guidance scale w with --class (default 0.5)")
 
 
 def class_rows(indices: list[int], num: int) -> tuple[np.ndarray, int | None]:

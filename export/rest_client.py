@@ -2,7 +2,7 @@
 """Asks a TF Serving server for samples through the SavedModel's ``sample`` signature.
 
     python rest_client.py --url http://localhost:8501 --model kddpm --num 16 --sampler ddim --steps 50
-    python rest_client.py --model kddpm-conditional --class sneaker --class bag --guidance 1 --num 16
+    python rest_client.py --model kddpm-conditional --class sneaker --class bag --guidance 0.5 --num 16
 
 The request is TF Serving's REST row format (columnar for class-conditional requests, whose
 labels have one entry per image); the response holds uint8 images [B, H, W, C], written as one

@@ -229,7 +229,7 @@ def test_sample_by_class_name_per_class_and_guidance(conditional_run, tmp_path):
     np.testing.assert_array_equal(a, b)  # by name or by index, the same images
     rows = kddpm("sample", *common, "--per-class", 2, "--out", tmp_path / "rows.png")
     assert rows.returncode == 0, rows.stderr[-2000:]
-    assert "Sampling 20 images" in rows.stdout and "guidance 1" in rows.stdout
+    assert "Sampling 20 images" in rows.stdout and "guidance 0.5" in rows.stdout
     grid = np.asarray(keras.utils.load_img(tmp_path / "rows.png", color_mode="grayscale"))
     assert grid.shape[0] > 10 * 28
     for args, message in (

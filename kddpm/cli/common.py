@@ -9,10 +9,10 @@ from pathlib import Path
 GRID_IMAGES = 64
 # Classifier-free guidance scale w of kddpm sample and the training grids of conditional models
 # (chosen from the figures of the guidance benchmark; see the README).
-DEFAULT_GUIDANCE = 1.0
+DEFAULT_GUIDANCE = 0.5
 # kddpm sample's sampler (its steps are the sampler's default), chosen from the quality-per-call
 # figures in the README.
-DEFAULT_SAMPLER = "ddpm"
+DEFAULT_SAMPLER = "dpm++2m"
 
 
 def verbose_flag() -> argparse.ArgumentParser:
