@@ -133,3 +133,16 @@ def test_trajectory_figure(tiny_model_file, tmp_path):
     assert shots[0][0] == 999 and shots[-1][0] == -1 and len(shots) == 10
     # The last snapshot is the sample itself, the same as sample() gives for the seed.
     np.testing.assert_allclose(np.clip(shots[-1][1], -1, 1), model.sample(2, seed=0), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_with_dpm_solver(tiny_model_file, tmp_path):
+    out = tmp_path / "dpm.json"
+    done = kddpm(
+        "evaluate", "--model", tiny_model_file, "--metrics", "fid", "--num-samples", 30, "--sampler", "dpm++2m",
+        "--out", out, env={"KDDPM_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["sampler"] == "dpm++2m" and settings["steps"] == 20  # DPM-Solver++'s default
+    assert "Sampling 30 images (dpm++2m, 20 steps)" in done.stdout
