@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--clip-off-steps", default="10,20,50,100", help="steps also measured without clipping")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="benchmarks/results/quality_vs_steps.json")
+    parser.add_argument("--also", help="a JSON this benchmark wrote earlier: its rows join the table and the plot")
+    parser.add_argument("--no-step-times", action="store_true", help="skip the ms-per-step comparison")
     args = parser.parse_args()
     model = load_diffusion_model(args.model)
     extractor = feature_extractor("fashion_mnist")
@@ -121,11 +123,12 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
+    earlier = json.loads(Path(args.also).read_text()) if args.also else {"rows": [], "step_ms": {}}
 
     def save():
         out.write_text(json.dumps({"model": str(args.model), "rows": rows, "step_ms": step_ms}, indent=2) + "\n")
 
-    step_ms: dict = {}
+    step_ms: dict = dict(earlier.get("step_ms", {}))
     for sampler, steps in settings:
         for clip_x0 in (True, False) if steps in clip_off else (True,):
             rows.append(score(model, extractor, real, sampler, steps, clip_x0, args.samples, args.batch_size))
@@ -137,9 +140,10 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
         save()
-    for batch in (1, 64):
+    for batch in () if args.no_step_times else (1, 64):
         step_ms[str(batch)] = step_times(model, batch)
         print(f"batch {batch}: ms per step {step_ms[str(batch)]}", flush=True)
+    rows = earlier["rows"] + rows
     save()
     picture = plot(rows, out.with_suffix(".png"))
 
