@@ -239,10 +239,16 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
         is_dpm = tf.equal(sampler_name, "dpm++2m")
         is_dpm_sde = tf.equal(sampler_name, "dpm++2m_sde")
         known = tf.reduce_any(tf.stack([is_ddpm, is_ddim, is_dpm, is_dpm_sde]))
-        valid_steps = tf.logical_or(is_ddpm, tf.logical_and(steps >= 1, steps <= timesteps))
+        in_range = tf.logical_and(steps >= 1, steps <= timesteps)
         checks = [
             tf.debugging.Assert(known, ["sampler must be ddpm, ddim, dpm++2m or dpm++2m_sde, got", sampler_name]),
-            tf.debugging.Assert(valid_steps, [f"steps must be in [1, {timesteps}], got", steps]),
+            tf.debugging.Assert(
+                tf.logical_or(~is_ddim, in_range), [f"DDIM steps must be in [1, {timesteps}], got", steps]
+            ),
+            tf.debugging.Assert(
+                tf.logical_or(~(is_dpm | is_dpm_sde), in_range),
+                [f"DPM-Solver++ steps must be in [1, {timesteps}], got", steps],
+            ),
         ]
         with tf.control_dependencies(checks):
 

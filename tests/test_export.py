@@ -211,7 +211,9 @@ def test_saved_model_rejects_bad_requests(exported):
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"t must be in \[0, 40\)"):
         serve(x_t=x, t=tf.constant([1, T]))
     options = {"seed": tf.constant([0], tf.int64), "num_images": tf.constant([1])}
-    with pytest.raises(tf.errors.InvalidArgumentError, match="sampler must be ddpm or ddim, got"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match="sampler must be ddpm, ddim, dpm\\+\\+2m or dpm\\+\\+2m_sde, got"
+    ):
         sample(sampler=tf.constant(["euler"]), steps=tf.constant([5]), **options)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"DDIM steps must be in \[1, 40\]"):
         sample(sampler=tf.constant(["ddim"]), steps=tf.constant([0]), **options)
