@@ -2,10 +2,10 @@
 """Samples images from a kddpm ONNX denoiser with numpy and ONNX Runtime only (no TensorFlow).
 
     pip install numpy onnxruntime
-    python onnx_sample.py --model exported/kddpm.onnx --num 16 --sampler ddim --steps 50 --out grid.png
+    python onnx_sample.py --model exported/kddpm.onnx --num 16 --out grid.png   # DPM-Solver++(2M), 20 steps
 
-The network is the ONNX file; the reverse process (Algorithm 2 of Ho et al. 2020, or DDIM) runs
-here in numpy, with the noise schedule read from the file's ``metadata_props``. This file is
+The network is the ONNX file; the reverse process (DPM-Solver++(2M) by default, DDIM, or the
+paper's Algorithm 2) runs here in numpy, with the noise schedule read from the file's ``metadata_props``. This file is
 self-contained so that it can be copied onto a serving machine on its own: it repeats, in
 numpy, the schedule and sampler formulas of ``kddpm.schedule`` and ``kddpm.sampling`` (the
 test suite checks that both give the same images from the same noise).
@@ -25,6 +25,11 @@ import numpy as np
 from grid import image_grid  # kddpm/grid.py, the grid every kddpm tool writes
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
+# kddpm's defaults (kddpm/defaults.py; a test keeps them equal).
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
+DEFAULT_GUIDANCE = 0.5
+DYNAMIC_THRESHOLD_QUANTILE = 0.995
 
 
 class KddpmOnnxError(ValueError):
@@ -49,7 +54,7 @@ def read_metadata(session) -> dict:
             "timesteps": int(props["kddpm.timesteps"]),
             # Sampling defaults the model carries (a converted diffusers model sets them).
             "variance": props.get("kddpm.variance", "beta_tilde"),
-            "clip_x0": props.get("kddpm.clip_x0", "false") == "true",
+            "clip_x0": {"true": True, "false": False, "dynamic": "dynamic"}[props.get("kddpm.clip_x0", "false")],
             # Class-conditional models: K classes and their names (0: unconditional).
             "num_classes": int(props.get("kddpm.num_classes", "0")),
             "class_names": json.loads(props.get("kddpm.class_names", "[]")),
@@ -80,13 +85,19 @@ def betas_of(schedule: dict) -> np.ndarray:
 
 
 def plan(
-    betas: np.ndarray, sampler: str = "ddpm", steps: int | None = None, eta: float = 0.0, variance: str = "beta_tilde"
+    betas: np.ndarray,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int | None = None,
+    eta: float = 0.0,
+    variance: str = "beta_tilde",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(timesteps [S], x0 coefficients a [S], coefficients (b, c) of (x_t, eps) [S, 2], sigma [S],
     coefficients d of the previous step's x0_hat [S]).
 
     Each step computes x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clips
     it, and returns x_prev = a * x0_hat + b * x_t + c * eps + d * x0_hat_before + sigma * z.
+    No sampler weighs the raw eps once x0_hat is known (c = 0): each continues from x0_hat,
+    so a clipped x0_hat is followed consistently.
     """
     timesteps_total = len(betas)
     alphas = 1.0 - betas
@@ -109,7 +120,7 @@ def plan(
         sigma2[-1] = 0.0  # the last step returns the mean
         return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2), np.zeros_like(a)
     if sampler == "ddim":
-        steps = 50 if steps is None else int(steps)
+        steps = DEFAULT_STEPS["ddim"] if steps is None else int(steps)
         if not 1 <= steps <= timesteps_total:
             raise KddpmOnnxError(f"DDIM steps must be between 1 and T={timesteps_total}, got {steps}.")
         taus = np.round(np.linspace(timesteps_total - 1, 0, steps)).astype(np.int64)
@@ -117,10 +128,13 @@ def plan(
         abar_prev = np.append(abar[taus[1:]], 1.0)
         sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
         direction = np.sqrt(np.maximum(1.0 - abar_prev - sigma**2, 0.0))
-        a = np.sqrt(abar_prev)
-        return taus, a, np.stack([np.zeros_like(a), direction], axis=1), sigma, np.zeros_like(a)
+        # sqrt(abar_prev) x0_hat + direction eps', with eps' = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)
+        # the eps that x0_hat implies (the network's own eps when x0_hat is not clipped).
+        a = np.sqrt(abar_prev) - direction * np.sqrt(abar_t / (1.0 - abar_t))
+        b = direction / np.sqrt(1.0 - abar_t)
+        return taus, a, np.stack([b, np.zeros_like(a)], axis=1), sigma, np.zeros_like(a)
     if sampler in ("dpm++2m", "dpm++2m_sde"):
-        return _dpm_solver_plan(abar, 20 if steps is None else int(steps), sampler == "dpm++2m_sde")
+        return _dpm_solver_plan(abar, DEFAULT_STEPS[sampler] if steps is None else int(steps), sampler == "dpm++2m_sde")
     raise KddpmOnnxError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
 
 
@@ -128,8 +142,9 @@ def _dpm_solver_plan(abar: np.ndarray, steps: int, stochastic: bool):
     """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults: timesteps round(linspace(0, T-1,
     steps+1)) reversed without the last, first order at the first and last step (to sigma 0),
     second order (midpoint) between; ``stochastic``: the SDE variant."""
-    if not 1 <= steps <= len(abar):
-        raise KddpmOnnxError(f"DPM-Solver++ steps must be between 1 and T={len(abar)}, got {steps}.")
+    if not 1 <= steps < len(abar):
+        # At steps = T the grid's T + 1 points share T integers: a timestep would repeat.
+        raise KddpmOnnxError(f"DPM-Solver++ steps must be between 1 and T-1={len(abar) - 1}, got {steps}.")
     taus = np.linspace(0, len(abar) - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
     alpha, sigma = np.sqrt(abar[taus]), np.sqrt(1.0 - abar[taus])
     alpha_next, sigma_next = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0)
@@ -149,10 +164,22 @@ def _dpm_solver_plan(abar: np.ndarray, steps: int, stochastic: bool):
     return taus, a, np.stack([b, np.zeros_like(a)], axis=1), noise, d
 
 
+def threshold(x0_hat: np.ndarray, clip_x0: bool | str) -> np.ndarray:
+    """x0_hat clipped to [-1, 1] (True), dynamically thresholded ('dynamic': s = max(1, the 0.995
+    quantile of |x0_hat| per image), x0_hat = clip(x0_hat, -s, s) / s), or as it is (False)."""
+    if not clip_x0:
+        return x0_hat
+    if clip_x0 != "dynamic":
+        return np.clip(x0_hat, -1.0, 1.0)
+    s = np.quantile(np.abs(x0_hat).reshape(len(x0_hat), -1), DYNAMIC_THRESHOLD_QUANTILE, axis=1)
+    s = np.maximum(s, 1.0).reshape(-1, 1, 1, 1)
+    return np.clip(x0_hat, -s, s) / s
+
+
 def sample(
     session,
     num_images: int | None = None,
-    sampler: str = "ddpm",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int | None = None,
     eta: float = 0.0,
     variance: str | None = None,
@@ -191,9 +218,7 @@ def sample(
     x0_before = np.zeros_like(x)
     for k, t in enumerate(taus):
         eps = eps_of(x.astype(np.float32), np.full(len(x), t, dtype=np.int32))
-        x0_hat = (x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t])
-        if clip_x0:
-            x0_hat = np.clip(x0_hat, -1.0, 1.0)
+        x0_hat = threshold((x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t]), clip_x0)
         z = rng.standard_normal(x.shape) if noise is None else noise[k]
         x = (
             coef_x0[k] * x0_hat
@@ -295,7 +320,33 @@ def add_class_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_INDEX",
         help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
     )
-    parser.add_argument("--guidance", type=float, default=0.5, help="guidance scale w with --class (default 0.5)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=DEFAULT_GUIDANCE,
+        help=f"guidance scale w with --class (default {DEFAULT_GUIDANCE})",
+    )
+
+
+def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
+    """--clip-x0 [dynamic] and --no-clip-x0 (default: the model's own setting), as kddpm sample takes them."""
+
+    def mode(text: str):
+        if text in ("on", "dynamic"):
+            return True if text == "on" else "dynamic"
+        raise argparse.ArgumentTypeError(f"--clip-x0 takes no value, 'on' or 'dynamic', not {text!r}")
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--clip-x0",
+        nargs="?",
+        const=True,
+        type=mode,
+        metavar="dynamic",
+        help="clip the predicted x0 to [-1, 1] at each step; --clip-x0 dynamic: dynamic thresholding "
+        "(default: the model's own setting)",
+    )
+    group.add_argument("--no-clip-x0", dest="clip_x0", action="store_const", const=False, help="do not clip x0")
 
 
 def class_rows(indices: list[int], num: int) -> tuple[np.ndarray, int | None]:
@@ -310,17 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Sample a PNG grid from a kddpm ONNX denoiser (numpy + onnxruntime).")
     parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER}")
     parser.add_argument(
         "--steps", type=int, help="steps of ddim (default 50) and dpm++2m, dpm++2m_sde (default 20); DDPM takes all T"
     )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale (0: deterministic)")
-    parser.add_argument(
-        "--clip-x0",
-        action=argparse.BooleanOptionalAction,
-        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_clip_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seed of numpy's generator (default 0)")
     add_class_arguments(parser)
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
     parser.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Asks a TF Serving server for samples through the SavedModel's ``sample`` signature.
 
-    python rest_client.py --url http://localhost:8501 --model kddpm --num 16 --sampler ddim --steps 50
+    python rest_client.py --url http://localhost:8501 --model kddpm --num 16   # DPM-Solver++(2M), 20 steps
     python rest_client.py --model kddpm-conditional --class sneaker --class bag --guidance 0.5 --num 16
 
 The request is TF Serving's REST row format (columnar for class-conditional requests, whose
@@ -20,15 +20,23 @@ import urllib.request
 
 import numpy as np
 from grid import image_grid
-from onnx_sample import KddpmOnnxError, add_class_arguments, class_index, class_rows, write_png
+from onnx_sample import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    KddpmOnnxError,
+    add_class_arguments,
+    class_index,
+    class_rows,
+    write_png,
+)
 
 
 def request_samples(
     url: str,
     model: str,
     num_images: int,
-    sampler: str = "ddim",
-    steps: int = 50,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = 0,
     seed: int = 0,
     timeout: float = 600,
     labels: list[int] | None = None,
@@ -36,6 +44,7 @@ def request_samples(
 ) -> np.ndarray:
     """POSTs one ``sample`` request; returns uint8 images [num_images, H, W, C].
 
+    steps 0 (and sampler "") ask the server for the sampler's default steps (kddpm's defaults).
     labels: one class index per image, for a class-conditional model, with the classifier-free
     guidance scale ``guidance_scale``.
     """
@@ -78,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Sample images from a kddpm model served by TF Serving.")
     parser.add_argument("--url", default="http://localhost:8501", help="the server's REST address")
     parser.add_argument("--model", default="kddpm", help="model name in models.config")
-    parser.add_argument("--num", type=int, default=16)
-    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m", "dpm++2m_sde"], default="ddim")
-    parser.add_argument("--steps", type=int, default=50, help="steps of ddim and dpm++2m (DDPM ignores it)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER}")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="steps (default 0: the sampler's default, 50 DDIM, 20 DPM-Solver++)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the server's sampler (default 0)")
     add_class_arguments(parser)
     parser.add_argument("--out", default="served_samples.png")
     parser.add_argument(

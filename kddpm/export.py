@@ -5,7 +5,8 @@ Two formats:
 * **SavedModel for TF Serving**, written to ``BASE/<model_name>/<version>/`` with the
   signatures ``serving_default`` (``x_t``, ``t`` -> ``eps``), ``sample`` (``num_images``,
   ``seed``, ``sampler``, ``steps`` -> ``images`` uint8) and ``sample_from_noise`` (``x_T``,
-  ``seed``, ``sampler``, ``steps`` -> ``images``). A version is written to a hidden folder
+  ``seed``, ``sampler``, ``steps`` -> ``images``); sampler "" and steps 0 ask for kddpm's
+  defaults (DPM-Solver++(2M), 20 steps). A version is written to a hidden folder
   beside the final one, loaded back, compared with Keras, and only then renamed into place,
   so a server polling BASE never sees a half-written or wrong version.
 * **ONNX** of the denoiser (``x_t``, ``t`` -> ``eps``, dynamic batch), converted with tf2onnx,
@@ -33,9 +34,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kddpm.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from kddpm.errors import KddpmError
 from kddpm.model import DiffusionModel, load_diffusion_model, network_with_precision
-from kddpm.sampling import Sampler, ddim_tables, ddpm_plan, dpm_solver_tables, initial_noise, to_uint8_tensor
+from kddpm.sampling import (
+    Sampler,
+    check_clip_x0,
+    ddim_tables,
+    ddpm_plan,
+    dpm_solver_tables,
+    initial_noise,
+    to_uint8_tensor,
+)
 from kddpm.streams import seed_pair
 
 FORMATS = ("saved_model", "onnx", "all")
@@ -65,7 +75,7 @@ def export_model(
     model_name: str = "kddpm",
     version: int | None = None,
     opset: int = DEFAULT_OPSET,
-    clip_x0: bool | None = None,
+    clip_x0: bool | str | None = None,
     overwrite: bool = False,
     log: Callable[[str], Any] | None = None,
 ) -> list[ExportResult]:
@@ -95,7 +105,7 @@ def export_model(
             staged.append(_stage_saved_model(model, out, model_name, version, clip_x0))
         if format in ("onnx", "all"):
             log("Converting to ONNX and checking ONNX Runtime against the Keras model...")
-            staged.append(_stage_onnx(model, out / f"{model_name}.onnx", opset, overwrite))
+            staged.append(_stage_onnx(model, out / f"{model_name}.onnx", opset, overwrite, clip_x0))
     except BaseException:
         # One format failed its check: none is published, so a retry starts from the same state.
         for item in staged:
@@ -145,7 +155,7 @@ def export_saved_model(
     base_dir: str | os.PathLike,
     model_name: str = "kddpm",
     version: int | None = None,
-    clip_x0: bool | None = None,
+    clip_x0: bool | str | None = None,
 ) -> ExportResult:
     """Writes ``base_dir/<model_name>/<version>/`` (TF Serving's layout) and returns it.
 
@@ -160,7 +170,7 @@ def export_saved_model(
 def _stage_saved_model(
     model: DiffusionModel, base_dir: Path, model_name: str, version: int | None, clip_x0: bool | None
 ) -> _Staged:
-    clip_x0 = model.clip_x0 if clip_x0 is None else bool(clip_x0)
+    clip_x0 = model.clip_x0 if clip_x0 is None else check_clip_x0(clip_x0)
     final = _saved_model_target(base_dir, model_name, version)
     # Hidden and non-numeric, so TF Serving ignores it until the rename.
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
@@ -234,20 +244,29 @@ def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool)
             return {"eps": tf.cast(network([x_t, t, *conditions], training=False), tf.float32)}
 
     def plan(sampler_name, steps):
+        # "" and 0 stand for kddpm's defaults: TF Serving has no optional inputs.
+        sampler_name = tf.where(tf.equal(sampler_name, ""), DEFAULT_SAMPLER, sampler_name)
         is_ddpm = tf.equal(sampler_name, "ddpm")
         is_ddim = tf.equal(sampler_name, "ddim")
         is_dpm = tf.equal(sampler_name, "dpm++2m")
         is_dpm_sde = tf.equal(sampler_name, "dpm++2m_sde")
+        asked = steps
+        default_steps = tf.where(is_ddim, DEFAULT_STEPS["ddim"], DEFAULT_STEPS["dpm++2m"])
+        steps = tf.where(tf.equal(steps, 0), default_steps, steps)
         known = tf.reduce_any(tf.stack([is_ddpm, is_ddim, is_dpm, is_dpm_sde]))
-        in_range = tf.logical_and(steps >= 1, steps <= timesteps)
         checks = [
             tf.debugging.Assert(known, ["sampler must be ddpm, ddim, dpm++2m or dpm++2m_sde, got", sampler_name]),
             tf.debugging.Assert(
-                tf.logical_or(~is_ddim, in_range), [f"DDIM steps must be in [1, {timesteps}], got", steps]
+                tf.logical_or(~is_ddpm, tf.equal(asked, 0) | tf.equal(asked, timesteps)),
+                [f"DDPM takes all {timesteps} steps; send steps 0 (or {timesteps}), or sampler ddim or dpm++2m"],
             ),
             tf.debugging.Assert(
-                tf.logical_or(~(is_dpm | is_dpm_sde), in_range),
-                [f"DPM-Solver++ steps must be in [1, {timesteps}], got", steps],
+                tf.logical_or(~is_ddim, (steps >= 1) & (steps <= timesteps)),
+                [f"DDIM steps must be in [1, {timesteps}], got", steps],
+            ),
+            tf.debugging.Assert(
+                tf.logical_or(~(is_dpm | is_dpm_sde), (steps >= 1) & (steps < timesteps)),
+                [f"DPM-Solver++ steps must be in [1, {timesteps - 1}], got", steps],
             ),
         ]
         with tf.control_dependencies(checks):
@@ -353,17 +372,19 @@ def export_onnx(
     path: str | os.PathLike,
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
+    clip_x0: bool | str | None = None,
 ) -> ExportResult:
     """Writes the EMA denoiser as ONNX to ``path`` after checking it against Keras.
 
     Inputs ``x_t`` [B, H, W, C] float32 and ``t`` [B] int32, output ``eps``; B is dynamic.
     Raises KddpmError, writing nothing, when ONNX Runtime's eps differs from Keras' by more
     than TOLERANCE at batch 1 or 8. An existing file is replaced only with ``overwrite``.
+    clip_x0: the clipping the metadata gives samplers (default: the model's ``clip_x0``).
     """
-    return _stage_onnx(model, Path(path), opset, overwrite).publish()
+    return _stage_onnx(model, Path(path), opset, overwrite, clip_x0).publish()
 
 
-def _stage_onnx(model: DiffusionModel, path: Path, opset: int, overwrite: bool) -> _Staged:
+def _stage_onnx(model: DiffusionModel, path: Path, opset: int, overwrite: bool, clip_x0=None) -> _Staged:
     import onnx
     import tf2onnx
 
@@ -381,7 +402,7 @@ def _stage_onnx(model: DiffusionModel, path: Path, opset: int, overwrite: bool) 
         return {"eps": tf.cast(network(list(inputs), training=False), tf.float32)}
 
     proto, _ = tf2onnx.convert.from_function(denoise, input_signature=signature, opset=opset)
-    for key, value in onnx_metadata(model).items():
+    for key, value in onnx_metadata(model, clip_x0).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
@@ -405,15 +426,17 @@ def _onnx_target(path: Path, overwrite: bool) -> Path:
     return path
 
 
-def onnx_metadata(model: DiffusionModel) -> dict[str, str]:
+def onnx_metadata(model: DiffusionModel, clip_x0: bool | str | None = None) -> dict[str, str]:
     """What a sampler needs besides the network, as ONNX ``metadata_props`` strings."""
+    clip_x0 = model.clip_x0 if clip_x0 is None else check_clip_x0(clip_x0)
     return {
         "kddpm.format": "1",  # what export/onnx_sample.py checks for
         "kddpm.schedule": json.dumps(model.schedule.get_config()),
         "kddpm.image_shape": json.dumps(list(model.image_shape)),
         "kddpm.timesteps": str(model.schedule.timesteps),
         "kddpm.variance": model.variance,
-        "kddpm.clip_x0": "true" if model.clip_x0 else "false",
+        # "true", "false" or "dynamic" (dynamic thresholding).
+        "kddpm.clip_x0": {True: "true", False: "false"}.get(clip_x0, "dynamic"),
         # Class-conditional models: K (the input 'label' takes [0, K], K meaning unconditional).
         "kddpm.num_classes": str(model.num_classes or 0),
         "kddpm.class_names": json.dumps(model.class_names or [str(c) for c in range(model.num_classes or 0)]),

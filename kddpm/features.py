@@ -33,7 +33,7 @@ from kddpm.errors import KddpmError
 
 FASHION_MNIST_FEATURES = "fashion_mnist_features.keras"
 INCEPTION_WEIGHTS = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
-_CACHE_FORMAT = "kddpm-reference-features-1"
+_CACHE_FORMAT = "kddpm-reference-features-2"
 
 
 @dataclasses.dataclass
@@ -197,7 +197,8 @@ def reference_features(
     progress: bool = False,
     log: Callable[[str], object] | None = None,
 ) -> dict:
-    """The real side of an evaluation: {'features' [N, D] or None, 'mu', 'sigma', 'description'}.
+    """The real side of an evaluation: {'features' [N, D] or None, 'mu', 'sigma', 'description',
+    'label_counts'}: label_counts [K] int, images per class, or None for a reference without labels.
 
     reference: 'fashion_mnist:test' / 'fashion_mnist:train', 'tfds:NAME:SPLIT', a folder of
     images, or a '.npz' of statistics (written here, or with 'mu' and 'sigma' only: FID only).
@@ -225,17 +226,20 @@ def reference_features(
             with np.load(path, allow_pickle=False) as stored:
                 if json.loads(str(stored["identity"])) == identity:
                     log(f"Reference features from the cache {path}")
+                    counts = stored["label_counts"]
                     return {
                         "features": stored["features"],
                         "mu": stored["mu"],
                         "sigma": stored["sigma"],
                         "description": str(stored["description"]),
+                        "label_counts": counts if counts.size else None,
                     }
         except (OSError, ValueError, KeyError):
             pass  # a damaged or foreign cache entry is recomputed below
         log(f"The cache {path} does not match; recomputing it")
-    images, description = reference_images(reference, image_shape, data_dir)
+    images, labels, description = reference_images(reference, image_shape, data_dir)
     log(f"Reference: {description}")
+    counts = None if labels is None else np.bincount(labels)
     features = extractor(images, progress=progress)
     mu, sigma = feature_statistics(features)
     cache.mkdir(parents=True, exist_ok=True)
@@ -247,13 +251,15 @@ def reference_features(
         mu=mu,
         sigma=sigma,
         description=description,
+        label_counts=np.zeros(0, np.int64) if counts is None else counts,
     )
     os.replace(partial, path)
-    return {"features": features, "mu": mu, "sigma": sigma, "description": description}
+    return {"features": features, "mu": mu, "sigma": sigma, "description": description, "label_counts": counts}
 
 
-def reference_images(reference: str, image_shape, data_dir=None) -> tuple[np.ndarray, str]:
-    """uint8 [N, H, W, C] images of ``reference``, brought to ``image_shape`` as training data is."""
+def reference_images(reference: str, image_shape, data_dir=None) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(uint8 [N, H, W, C] images of ``reference``, brought to ``image_shape`` as training data is,
+    their int32 [N] labels or None when the reference has no classes, a description)."""
     from kddpm.data import image_source, load_dataset
 
     if reference.startswith("fashion_mnist:"):
@@ -272,8 +278,11 @@ def reference_images(reference: str, image_shape, data_dir=None) -> tuple[np.nda
         )
     loaded = image_source(source, split, data_dir, int(image_shape[2]) if Path(source).is_dir() else None)
     dataset = load_dataset(loaded, batch_size=500, image_shape=image_shape, shuffle=False, drop_remainder=False)
-    batches = [np.round((images.numpy() + 1.0) * 127.5).astype(np.uint8) for images, _ in dataset]
-    return np.concatenate(batches), loaded.description
+    batches, labels = [], []
+    for images, batch_labels in dataset:
+        batches.append(np.round((images.numpy() + 1.0) * 127.5).astype(np.uint8))
+        labels.append(batch_labels.numpy().astype(np.int32))
+    return np.concatenate(batches), np.concatenate(labels) if loaded.class_names else None, loaded.description
 
 
 def _read_statistics(path: Path, extractor: FeatureExtractor, image_shape) -> dict:
@@ -295,9 +304,11 @@ def _read_statistics(path: Path, extractor: FeatureExtractor, image_shape) -> di
             )
     elif len(content["mu"]) != extractor.dimension:
         raise KddpmError(f"{path} holds {len(content['mu'])}-d statistics; the extractor gives {extractor.dimension}.")
+    counts = content.get("label_counts")
     return {
         "features": content.get("features"),
         "mu": content["mu"],
         "sigma": content["sigma"],
         "description": str(content.get("description", path)),
+        "label_counts": counts if counts is not None and counts.size else None,
     }

@@ -32,6 +32,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from kddpm.defaults import DYNAMIC_THRESHOLD_QUANTILE
 from kddpm.errors import KddpmError
 from kddpm.model import DiffusionModel
 from kddpm.schedule import NoiseSchedule
@@ -40,6 +41,8 @@ from kddpm.unet import ExampleDropout, GroupNorm, build_unet
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 TORCH_WEIGHTS_FILE = "diffusion_pytorch_model.bin"
 DIFFUSERS_VERSION = "0.42.1"  # the release whose layout the fixtures and to_diffusers follow
+# diffusers clamps its dynamic threshold to [1, sample_max_value]; this stands for "no cap".
+UNCAPPED_SAMPLE_MAX = 1e9
 
 # UNet2DModel's defaults (diffusers 0.42): a config that leaves a field out means these.
 _UNET_DEFAULTS: dict[str, Any] = {
@@ -378,16 +381,37 @@ def _new_attention_name(name: str) -> str:
     return f"{parent}.{_OLD_ATTENTION_NAMES.get(leaf, leaf)}.{part}"
 
 
-def schedule_from_config(config: dict[str, Any], source: Path | None = None) -> tuple[NoiseSchedule, str, bool]:
-    """(schedule, default variance, default clip_x0) of a diffusers scheduler config."""
+def schedule_from_config(config: dict[str, Any], source: Path | None = None) -> tuple[NoiseSchedule, str, bool | str]:
+    """(schedule, default variance, default clip_x0) of a diffusers scheduler config.
+
+    diffusers' dynamic thresholding clamps its threshold s to [1, sample_max_value]: with
+    sample_max_value 1 that is plain clipping (clip_x0 True); with no cap (at least
+    ``UNCAPPED_SAMPLE_MAX``, as ``to_diffusers`` writes) it is kddpm's 'dynamic'.
+    """
     where = f" in {source}" if source else ""
     unknown = sorted(set(config) - set(_SCHEDULER_DEFAULTS) - _SCHEDULER_IGNORED)
     if unknown:
         raise KddpmError(f"Scheduler field {unknown[0]} = {config[unknown[0]]!r}{where} is not one kddpm knows.")
     c = {**_SCHEDULER_DEFAULTS, **config}
-    for field, wanted in (("prediction_type", "epsilon"), ("thresholding", False), ("rescale_betas_zero_snr", False)):
+    for field, wanted in (("prediction_type", "epsilon"), ("rescale_betas_zero_snr", False)):
         if c[field] != wanted:
             raise KddpmError(f"{field} = {c[field]!r}{where} is not supported; kddpm's DDPM has {field} = {wanted!r}.")
+    clip_x0: bool | str = bool(c["clip_sample"])
+    if c["thresholding"]:
+        if c["dynamic_thresholding_ratio"] != DYNAMIC_THRESHOLD_QUANTILE:
+            raise KddpmError(
+                f"dynamic_thresholding_ratio = {c['dynamic_thresholding_ratio']!r}{where} is not supported; kddpm's "
+                f"dynamic thresholding uses the {DYNAMIC_THRESHOLD_QUANTILE} quantile."
+            )
+        if c["sample_max_value"] <= 1.0:
+            clip_x0 = True  # s clamped to [1, 1]: plain clipping
+        elif c["sample_max_value"] >= UNCAPPED_SAMPLE_MAX:
+            clip_x0 = "dynamic"
+        else:
+            raise KddpmError(
+                f"sample_max_value = {c['sample_max_value']!r}{where} caps the dynamic threshold, which kddpm's "
+                "dynamic thresholding (Imagen's, uncapped) does not."
+            )
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         raise KddpmError(
             f"clip_sample_range = {c['clip_sample_range']!r}{where} is not supported; kddpm clips to [-1, 1]."
@@ -415,7 +439,7 @@ def schedule_from_config(config: dict[str, Any], source: Path | None = None) -> 
             f"beta_schedule = {c['beta_schedule']!r}{where} is not supported; use linear, scaled_linear, "
             "squaredcos_cap_v2 or trained_betas."
         )
-    return schedule, variance, bool(c["clip_sample"])
+    return schedule, variance, clip_x0
 
 
 # --- Writing ---------------------------------------------------------------------------------
@@ -603,12 +627,12 @@ def diffusers_scheduler_config(model: DiffusionModel) -> dict[str, Any]:
         "beta_schedule": "linear",
         "trained_betas": None,
         "variance_type": {"beta_tilde": "fixed_small", "beta": "fixed_large"}[model.variance],
-        "clip_sample": model.clip_x0,
+        "clip_sample": model.clip_x0 is True,
         "clip_sample_range": 1.0,
         "prediction_type": "epsilon",
-        "thresholding": False,
-        "dynamic_thresholding_ratio": 0.995,
-        "sample_max_value": 1.0,
+        "thresholding": model.clip_x0 == "dynamic",
+        "dynamic_thresholding_ratio": DYNAMIC_THRESHOLD_QUANTILE,
+        "sample_max_value": UNCAPPED_SAMPLE_MAX if model.clip_x0 == "dynamic" else 1.0,
         "timestep_spacing": "leading",
         "steps_offset": 0,
         "rescale_betas_zero_snr": False,

@@ -172,15 +172,19 @@ def bits_per_dim(
     batch_size: int | None = None,
     seed: int = 0,
     use_ema: bool = True,
-    clip_x0: bool = True,
+    clip_x0: bool | str = True,
     progress: bool = False,
+    labels: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The paper's bound L = L_T + sum_{t>1} L_{t-1} + L_0 (eq. 5) per image, in bits per dimension.
 
     images: uint8 [N, H, W, C], or float32 [N, H, W, C] in [-1, 1] on the 256-level grid (as
     ``kddpm.load_dataset`` gives them). variance: the reverse process' fixed sigma_t^2,
     'beta_tilde' or 'beta'. clip_x0: form p's mean from x0_hat clipped to [-1, 1], as the
-    original code's and improved-diffusion's evaluation does (False: the unclipped mean of eq. 11).
+    original code's and improved-diffusion's evaluation does (False: the unclipped mean of eq. 11;
+    'dynamic': dynamically thresholded). labels: class-conditional models only, [N] int class
+    indices in [0, K] of the images, for the class-conditional bound; None there means the null
+    label K for every image (the unconditional bound of the same network).
 
     Returns numpy float64 arrays [N]: ``prior`` = KL(q(x_T|x_0) || N(0, I)); ``kl`` = sum over
     t = 2..T of KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)); ``decoder`` = -log p(x_0|x_1), the
@@ -194,11 +198,13 @@ def bits_per_dim(
     inside one compiled ``tf.while_loop`` per batch; the noise of image i at step t is a function
     of (seed, t, i) alone, so results do not depend on ``batch_size``.
     """
-    from kddpm.sampling import VARIANCES
+    from kddpm.sampling import VARIANCES, check_clip_x0
 
     if variance not in VARIANCES:
         raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
+    clip_x0 = check_clip_x0(clip_x0)
     x0 = _images_on_grid(images, model.image_shape)
+    labels = _labels_for(model, labels, len(x0))
     network = model.ema_denoiser if use_ema else model.denoiser
     schedule = model.schedule
     log_variances = np.log(
@@ -222,7 +228,7 @@ def bits_per_dim(
         tf.float64,
     )
     prior = _prior_bits_per_dim(x0, schedule.alphas_cumprod[-1])
-    run = _bound_function(network, tables, schedule.timesteps, model.image_shape, clip_x0)
+    run = _bound_function(network, tables, schedule.timesteps, model.image_shape, clip_x0, labels is not None)
     key = seed_pair(seed)
     batch_size = batch_size or min(len(x0), 256)
     kl, decoder = np.empty(len(x0)), np.empty(len(x0))
@@ -233,11 +239,34 @@ def bits_per_dim(
         bar = keras.utils.Progbar(len(x0), unit_name="image")
     for start in range(0, len(x0), batch_size):
         stop = min(start + batch_size, len(x0))
-        batch_kl, batch_decoder = run(tf.constant(x0[start:stop]), key, tf.constant(start, tf.int32))
+        condition = () if labels is None else (tf.constant(labels[start:stop]),)
+        batch_kl, batch_decoder = run(tf.constant(x0[start:stop]), key, tf.constant(start, tf.int32), *condition)
         kl[start:stop], decoder[start:stop] = batch_kl.numpy(), batch_decoder.numpy()
         if bar is not None:
             bar.update(stop)
     return {"total": prior + kl + decoder, "prior": prior, "decoder": decoder, "kl": kl}
+
+
+def _labels_for(model, labels, count: int) -> np.ndarray | None:
+    """The [count] int32 labels a conditional network is called with (None for an unconditional one)."""
+    if model.num_classes is None:
+        if labels is not None:
+            raise KddpmError("labels need a class-conditional model; this one is unconditional.")
+        return None
+    if labels is None:
+        return np.full([count], model.num_classes, np.int32)  # the null label
+    labels = np.asarray(labels).reshape(-1)
+    if (
+        labels.shape != (count,)
+        or labels.dtype.kind not in "iu"
+        or labels.min() < 0
+        or labels.max() > model.num_classes
+    ):
+        raise KddpmError(
+            f"labels must be {count} class indices in [0, {model.num_classes}], one per image; got "
+            f"{labels.dtype} {labels.shape}."
+        )
+    return labels.astype(np.int32)
 
 
 def _images_on_grid(images, image_shape) -> np.ndarray:
@@ -298,21 +327,25 @@ def _discretized_gaussian_nll(x0, mean, log_scale):
     return -tf.math.log(tf.maximum(probability, tf.constant(1e-300, x0.dtype)))
 
 
-def _bound_function(network, tables: tf.Tensor, timesteps: int, image_shape, clip_x0: bool):
+def _bound_function(network, tables: tf.Tensor, timesteps: int, image_shape, clip_x0, conditional: bool):
     """One graph per batch: for t = T-1 .. 0 (indices), x_t ~ q(x_t|x_0), eps, and the t-th term."""
+    from kddpm.sampling import clip_prediction
+
     ln2 = math.log(2.0)
 
     def mean_over_dims(values):
         return tf.reduce_mean(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1) / ln2
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, *image_shape], tf.float32),
-            tf.TensorSpec([2], tf.int64),
-            tf.TensorSpec([], tf.int32),
-        ]
-    )
-    def run(x0, key, first):
+    signature = [
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([2], tf.int64),
+        tf.TensorSpec([], tf.int32),
+    ]
+    if conditional:
+        signature.append(tf.TensorSpec([None], tf.int32))
+
+    @tf.function(input_signature=signature)
+    def run(x0, key, first, *condition):
         batch = tf.shape(x0)[0]
         x0_64 = tf.cast(x0, tf.float64)
 
@@ -320,10 +353,9 @@ def _bound_function(network, tables: tf.Tensor, timesteps: int, image_shape, cli
             sqrt_abar, sqrt_one_minus_abar, coef1, coef2, true_log_var, model_log_var = tf.unstack(tables[t])
             noise = tf.cast(example_normals(fold_in(key, t), first, batch, image_shape), tf.float64)
             x_t = sqrt_abar * x0_64 + sqrt_one_minus_abar * noise
-            eps = tf.cast(network([tf.cast(x_t, tf.float32), tf.fill([batch], t)], training=False), tf.float64)
-            x0_hat = (x_t - sqrt_one_minus_abar * eps) / sqrt_abar
-            if clip_x0:
-                x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
+            inputs = [tf.cast(x_t, tf.float32), tf.fill([batch], t), *condition]
+            eps = tf.cast(network(inputs, training=False), tf.float64)
+            x0_hat = clip_prediction((x_t - sqrt_one_minus_abar * eps) / sqrt_abar, clip_x0)
             model_mean = coef1 * x0_hat + coef2 * x_t
             true_mean = coef1 * x0_64 + coef2 * x_t
             term = mean_over_dims(_normal_kl(true_mean, true_log_var, model_mean, model_log_var))

@@ -16,8 +16,9 @@ import tensorflow as tf
 # Registers the U-Net's custom layers, so that a saved model loads without custom_objects
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
+from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
 from kddpm.errors import KddpmError
-from kddpm.sampling import VARIANCES, Sampler, SamplingPlan, make_plan
+from kddpm.sampling import VARIANCES, Sampler, SamplingPlan, check_clip_x0, make_plan
 from kddpm.schedule import NoiseSchedule
 from kddpm.streams import example_integers, example_keys, example_normals, example_uniforms, fold_in
 
@@ -47,8 +48,10 @@ class DiffusionModel(keras.Model):
             denoiser's initial weights are its own: ``build_unet(seed=...)``.)
         image_shape: (H, W, C); read from ``denoiser.inputs`` when it is a functional model.
         variance: DDPM's default sampling variance sigma_t^2, 'beta_tilde' (the default) or 'beta'.
-        clip_x0: whether sampling clips the predicted x0 to [-1, 1] unless told otherwise
-            (default False; a converted diffusers model takes its scheduler's ``clip_sample``).
+        clip_x0: how sampling clips the predicted x0 unless told otherwise: True (the default:
+            to [-1, 1], where training data lies, as the original code's ``clip_denoised``),
+            False, or 'dynamic' (dynamic thresholding); a converted diffusers model takes its
+            scheduler's ``clip_sample``.
         num_classes: K for a class-conditional denoiser ``[x_t, t, label] -> eps`` (build_unet's
             ``num_classes``); read from the denoiser when left out. Training data is then
             (images, labels) with labels in [0, K).
@@ -68,7 +71,7 @@ class DiffusionModel(keras.Model):
         seed: int = 0,
         image_shape: tuple[int, int, int] | None = None,
         variance: str = "beta_tilde",
-        clip_x0: bool = False,
+        clip_x0: bool | str = True,
         num_classes: int | None = None,
         label_dropout: float = 0.1,
         class_names: list[str] | None = None,
@@ -78,7 +81,7 @@ class DiffusionModel(keras.Model):
         if variance not in VARIANCES:
             raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
         self.variance = variance
-        self.clip_x0 = bool(clip_x0)
+        self.clip_x0 = check_clip_x0(clip_x0)
         if not 0.0 <= ema_decay < 1.0:
             raise KddpmError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.denoiser = denoiser
@@ -382,11 +385,11 @@ class DiffusionModel(keras.Model):
         self,
         num_images: int | None = None,
         seed: int = 0,
-        sampler: str = "ddpm",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
         eta: float | None = None,
         variance: str | None = None,
-        clip_x0: bool | None = None,
+        clip_x0: bool | str | None = None,
         use_ema: bool = True,
         batch_size: int | None = None,
         progress: bool = False,
@@ -394,19 +397,20 @@ class DiffusionModel(keras.Model):
         x_T: np.ndarray | None = None,
         precision: str | None = None,
         labels: int | str | np.ndarray | list | None = None,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | None = None,
     ) -> np.ndarray:
         """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
 
-        sampler: 'ddpm' (Algorithm 2, all T steps; sigma^2 = ``variance``, 'beta_tilde' or
-        'beta', default the model's ``variance``), 'ddim' (``steps`` steps, default 50,
-        stochasticity ``eta``, default 0), or DPM-Solver++(2M) 'dpm++2m' / 'dpm++2m_sde'
-        (``steps``, default 20). An option that does not apply to the sampler is an error.
-        clip_x0: clip the predicted x0 to [-1, 1] at every step (default: the model's
-        ``clip_x0``). use_ema: sample with the EMA weights (the default, as the paper does).
-        batch_size: images per graph call (default: all); image i of a seed is the same
-        whatever the batch size. jit_compile: XLA on or off, or
-        "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
+        sampler: 'dpm++2m' (the default: DPM-Solver++(2M), ``steps`` default 20, the best
+        images per network call), its stochastic variant 'dpm++2m_sde', 'ddim' (``steps``,
+        default 50, stochasticity ``eta``, default 0), or 'ddpm' (the paper's Algorithm 2, all
+        T steps; sigma^2 = ``variance``, 'beta_tilde' or 'beta', default the model's
+        ``variance``). An option that does not apply to the sampler is an error.
+        clip_x0: True (clip the predicted x0 to [-1, 1] at every step), False, or 'dynamic'
+        (dynamic thresholding); default: the model's ``clip_x0``. use_ema: sample with the EMA
+        weights (the default, as the paper does). batch_size: images per graph call (default:
+        all); image i of a seed is the same whatever the batch size. jit_compile: XLA on or
+        off, or "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
         the seed's (the per-step noise still comes from the seed). precision: 'float32' or
         'bfloat16' to run the network in that precision (weights unchanged); default: as the
         model was built. The same seed gives the same images.
@@ -414,8 +418,9 @@ class DiffusionModel(keras.Model):
         Class-conditional models: labels, one class (index or name) for every image or [N] of
         them, in [0, K) (K, the null label, asks for an unconditional image); None: all
         unconditional. guidance_scale: w >= 0 of classifier-free guidance, eps = (1 + w)
-        eps(x_t, t, c) - w eps(x_t, t, null), one network call on the doubled batch per step;
-        0 (the default): plain conditional sampling, one call on the batch itself.
+        eps(x_t, t, c) - w eps(x_t, t, null), one network call on the doubled batch per step
+        (default with labels: ``kddpm.defaults.DEFAULT_GUIDANCE``); 0: plain conditional
+        sampling, one call on the batch itself.
         """
         plan = self.plan(sampler, steps, eta, variance, clip_x0)
         if x_T is not None:
@@ -430,7 +435,7 @@ class DiffusionModel(keras.Model):
         _check_count("num_images", num_images)
         if batch_size is not None:
             _check_count("batch_size", batch_size, " (or None for all at once)")
-        labels = self.label_array(labels, num_images, guidance_scale)
+        labels, guidance_scale = self.label_array(labels, num_images, guidance_scale)
         runner = self._get_sampler(use_ema, jit_compile, precision)
         batch_size = batch_size or num_images
         batches = []
@@ -469,9 +474,14 @@ class DiffusionModel(keras.Model):
         return index
 
     def label_array(
-        self, labels: int | str | np.ndarray | list | None, num_images: int, guidance_scale: float = 0.0
-    ) -> np.ndarray | None:
-        """``labels`` as [num_images] int32 class indices, checked (None stays None)."""
+        self, labels: int | str | np.ndarray | list | None, num_images: int, guidance_scale: float | None = None
+    ) -> tuple[np.ndarray | None, float]:
+        """(``labels`` as [num_images] int32 class indices, the guidance scale w), both checked.
+
+        labels None stays None (w then 0); w None is ``DEFAULT_GUIDANCE`` with labels.
+        """
+        if guidance_scale is None:
+            guidance_scale = DEFAULT_GUIDANCE if labels is not None and self.num_classes is not None else 0.0
         if not (isinstance(guidance_scale, (int, float, np.number)) and math.isfinite(guidance_scale)):
             raise KddpmError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
         if guidance_scale < 0:
@@ -482,45 +492,46 @@ class DiffusionModel(keras.Model):
                     "labels and guidance_scale need a class-conditional model; train one with "
                     "num_classes (kddpm train --conditional)."
                 )
-            return None
+            return None, 0.0
+        w = float(guidance_scale)
         if labels is None:
-            if guidance_scale:
+            if w:
                 raise KddpmError("guidance_scale needs labels: guidance moves each image towards its class.")
-            return None
+            return None, 0.0
         if isinstance(labels, (int, np.integer, str)):
-            return np.full([num_images], self.class_index(labels), np.int32)
+            return np.full([num_images], self.class_index(labels), np.int32), w
         values = [self.class_index(label) for label in np.asarray(labels).reshape(-1).tolist()]
         if len(values) != num_images:
             raise KddpmError(f"labels holds {len(values)} classes for {num_images} images; give one per image.")
-        return np.asarray(values, np.int32)
+        return np.asarray(values, np.int32), w
 
     def trajectory(
         self,
         num_images: int = 4,
         seed: int = 0,
-        sampler: str = "ddpm",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
         eta: float | None = None,
         variance: str | None = None,
-        clip_x0: bool | None = None,
+        clip_x0: bool | str | None = None,
         snapshots: int = 10,
         labels: int | str | np.ndarray | list | None = None,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | None = None,
     ) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
-        weights (see ``Sampler.trajectory``; the options are ``sample``'s)."""
+        weights (see ``Sampler.trajectory``; the options and defaults are ``sample``'s)."""
         plan = self.plan(sampler, steps, eta, variance, clip_x0)
         _check_count("num_images", num_images)
-        labels = self.label_array(labels, num_images, guidance_scale)
+        labels, guidance_scale = self.label_array(labels, num_images, guidance_scale)
         return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots, labels, guidance_scale)
 
     def plan(
         self,
-        sampler: str = "ddpm",
+        sampler: str = DEFAULT_SAMPLER,
         steps: int | None = None,
         eta: float | None = None,
         variance: str | None = None,
-        clip_x0: bool | None = None,
+        clip_x0: bool | str | None = None,
     ) -> SamplingPlan:
         """``make_plan`` with this model's schedule, its default variance (DDPM) and clip_x0."""
         if variance is None and sampler == "ddpm":

@@ -9,7 +9,7 @@ from kddpm.errors import KddpmError
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A U-Net size and the training and sampling settings that go with it."""
+    """A U-Net size and the training settings that go with it (sampling uses kddpm.defaults)."""
 
     name: str
     description: str
@@ -25,9 +25,6 @@ class Preset:
     warmup_steps: int
     train_steps: int
     ema_decay: float
-    grid_sampler: str
-    grid_steps: int | None
-    clip_x0: bool
     flip: bool = False
     # The EMA's warm-up min(decay, (1 + n) / (10 + n)) helps short runs; the paper's runs
     # (800k steps) use the plain decay.
@@ -64,9 +61,6 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=0,
             train_steps=20,
             ema_decay=0.9,
-            grid_sampler="ddim",
-            grid_steps=10,
-            clip_x0=True,
         ),
         Preset(
             name="demo",
@@ -83,9 +77,6 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=100,
             train_steps=2600,
             ema_decay=0.995,
-            grid_sampler="ddim",
-            grid_steps=100,
-            clip_x0=True,
         ),
         Preset(
             name="small",
@@ -102,9 +93,6 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=1000,
             train_steps=50_000,
             ema_decay=0.999,
-            grid_sampler="ddim",
-            grid_steps=100,
-            clip_x0=True,
         ),
         Preset(
             name="cifar10",
@@ -121,9 +109,6 @@ PRESETS: dict[str, Preset] = {
             warmup_steps=5000,
             train_steps=800_000,
             ema_decay=0.9999,
-            grid_sampler="ddpm",
-            grid_steps=None,
-            clip_x0=True,
             flip=True,
             ema_warmup=False,
         ),

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kddpm.defaults import DEFAULT_SAMPLER
 from kddpm.errors import KddpmError
 from kddpm.grid import image_grid
 from kddpm.model import DiffusionModel
@@ -251,9 +252,9 @@ class EvaluateEvery(keras.callbacks.Callback):
         num_samples: int = 1000,
         reference: str | None = None,
         extractor: str | None = None,
-        sampler: str = "ddim",
-        steps: int | None = 50,
-        clip_x0: bool = True,
+        sampler: str = DEFAULT_SAMPLER,
+        steps: int | None = None,
+        clip_x0: bool | str | None = None,
         seed: int = 0,
         print_fn=print,
     ):

@@ -7,7 +7,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from kddpm import build_unet
 
@@ -25,6 +27,35 @@ def tiny_unet(image_shape=(8, 8, 1), **overrides):
     )
     settings.update(overrides)
     return build_unet(**settings)
+
+
+class GaussianEps:
+    """The exact eps of data N(mu, s^2 I): sqrt(1 - abar) (x - sqrt(abar) mu) / (abar s^2 + 1 - abar).
+
+    Called as a network ([x_t, t] -> eps, float32) or through ``numpy(x, t)`` in float64.
+    """
+
+    def __init__(self, schedule, mean=0.4, std=0.3):
+        self.abar = schedule.alphas_cumprod
+        self.mean, self.var = mean, std**2
+
+    def numpy(self, x, t):
+        abar = self.abar[t]
+        return np.sqrt(1 - abar) * (x - np.sqrt(abar) * self.mean) / (abar * self.var + 1 - abar)
+
+    def __call__(self, inputs, training=False):
+        x, t = inputs
+        abar = tf.reshape(tf.gather(tf.constant(self.abar, tf.float32), t), [-1, 1, 1, 1])
+        return tf.sqrt(1.0 - abar) * (x - tf.sqrt(abar) * self.mean) / (abar * self.var + 1.0 - abar)
+
+
+def numpy_threshold(x0, clip):
+    """x0 [B, ...] clipped as ``clip_x0`` says, written from Saharia et al. 2022 with numpy's quantile."""
+    if clip == "dynamic":
+        s = np.maximum(np.quantile(np.abs(x0).reshape(len(x0), -1), 0.995, axis=1), 1.0)
+        s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+        return np.clip(x0, -s, s) / s
+    return np.clip(x0, -1, 1) if clip else x0
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kddpm.evaluation import evaluate, parse_metrics
+from kddpm.data import FASHION_MNIST_CLASSES
+from kddpm.evaluation import _label_counts, evaluate, parse_metrics
 from kddpm.presets import PRESETS
 from kddpm.training import EvaluateEvery, create_model, make_optimizer
 
@@ -31,6 +32,17 @@ def tiny_model_file(tmp_path_factory):
     model = create_model(PRESETS["tiny"], seed=0)
     model.compile(optimizer=make_optimizer(1e-3))
     model.fit(np.zeros((16, 28, 28, 1), np.float32) - 1, batch_size=8, epochs=1, verbose=0)
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_conditional_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("evaluate-conditional") / "model.keras"
+    model = create_model(PRESETS["tiny"], seed=0, class_names=list(FASHION_MNIST_CLASSES))
+    model.compile(optimizer=make_optimizer(1e-3))
+    images = np.zeros((16, 28, 28, 1), np.float32) - 1
+    model.fit(images, np.arange(16, dtype=np.int32) % 10, batch_size=8, epochs=1, verbose=0)
     model.save(path)
     return path
 
@@ -86,6 +98,52 @@ def test_evaluate_refuses_bad_input_in_one_line(tiny_model_file, tmp_path):
     done = kddpm("evaluate", "--model", tiny_model_file, "--metrics", "fid", "--reference", folder, "--num-samples", 4)
     assert done.returncode == 2 and "needs at least 2" in done.stderr
     assert tiny_model_file.read_bytes() == before  # evaluation never writes into the model
+
+
+@pytest.mark.slow
+def test_a_conditional_model_is_evaluated_with_labels_through_the_command_line(tiny_conditional_file, tmp_path):
+    out = tmp_path / "conditional.json"
+    env = {"KDDPM_CACHE": str(tmp_path / "cache")}
+    done = kddpm(
+        "evaluate", "--model", tiny_conditional_file, "--num-samples", 40, "--steps", 3, "--bpd-images", 4,
+        "--batch-size", 20, "--out", out, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for label in ("FID", "KID", "precision / recall", "bits/dim (beta_tilde)"):
+        assert label in done.stdout
+    assert "labels reference, guidance 0.5" in done.stdout
+    record = json.loads(out.read_text())
+    settings = record["settings"]
+    # Fashion-MNIST's test split has 1,000 images of each class: 40 samples are 4 a class.
+    assert settings["labels"] == "reference" and settings["label_counts"] == [4] * 10
+    assert settings["guidance_scale"] == 0.5 and settings["bpd_labels"] == "true"
+    assert set(record["metrics"]) == {"fid", "kid", "pr", "bpd"}
+    # The null label and the null bound are one flag each; they give other numbers.
+    null = kddpm(
+        "evaluate", "--model", tiny_conditional_file, "--num-samples", 40, "--steps", 3, "--bpd-images", 4,
+        "--batch-size", 20, "--labels", "null", "--bpd-labels", "null", "--out", tmp_path / "null.json", env=env,
+    )  # fmt: skip
+    assert null.returncode == 0, null.stderr[-3000:]
+    other = json.loads((tmp_path / "null.json").read_text())
+    assert other["settings"]["labels"] == "null" and other["settings"]["guidance_scale"] == 0.0
+    assert other["metrics"]["fid"] != record["metrics"]["fid"]
+    assert other["metrics"]["bpd"]["beta_tilde"]["total"] != record["metrics"]["bpd"]["beta_tilde"]["total"]
+    refused = kddpm("evaluate", "--model", tiny_conditional_file, "--labels", "null", "--guidance", "2", env=env)
+    assert refused.returncode == 2 and "take no guidance" in refused.stderr
+
+
+def test_samples_are_split_in_the_reference_class_proportions():
+    class Model:
+        num_classes = 3
+
+    counts, mode = _label_counts(Model, "reference", np.array([500, 300, 200]), 7, print)
+    # 3.5, 2.1, 1.4: floors 3, 2, 1, the one left to the largest remainder (class 0).
+    assert mode == "reference" and counts.tolist() == [4, 2, 1]
+    counts, mode = _label_counts(Model, "reference", None, 7, lambda line: None)
+    assert mode == "uniform" and counts.tolist() == [3, 2, 2]
+    assert _label_counts(Model, "uniform", np.array([9, 0, 1]), 6, print)[0].tolist() == [2, 2, 2]
+    with pytest.raises(Exception, match="--labels uniform"):
+        _label_counts(Model, "reference", np.array([1, 1, 1, 1]), 6, print)
 
 
 def test_metrics_names_are_checked():

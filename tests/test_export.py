@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -186,7 +187,7 @@ assert not any(name.startswith("kddpm") for name in sys.modules), "kddpm was imp
         assert answers[key].dtype == np.uint8 and answers[key].shape == (num, *SHAPE)
         expected = to_uint8(model.sample(num, seed=seed, sampler=sampler, steps=steps))
         assert np.abs(answers[key].astype(int) - expected).max() <= 1, key
-    from_noise = to_uint8(Sampler(model.ema_denoiser, SHAPE).sample(ddim_plan(model.schedule, 5), x_T=x_T))
+    from_noise = to_uint8(Sampler(model.ema_denoiser, SHAPE).sample(model.plan("ddim", 5), x_T=x_T))
     assert np.abs(answers["from_noise"].astype(int) - from_noise).max() <= 1
 
 
@@ -216,7 +217,40 @@ def test_saved_model_rejects_bad_requests(exported):
     ):
         sample(sampler=tf.constant(["euler"]), steps=tf.constant([5]), **options)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"DDIM steps must be in \[1, 40\]"):
-        sample(sampler=tf.constant(["ddim"]), steps=tf.constant([0]), **options)
+        sample(sampler=tf.constant(["ddim"]), steps=tf.constant([-1]), **options)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"DPM-Solver\+\+ steps must be in \[1, 39\]"):
+        sample(sampler=tf.constant(["dpm++2m"]), steps=tf.constant([T]), **options)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="DDPM takes all 40 steps"):
+        sample(sampler=tf.constant(["ddpm"]), steps=tf.constant([20]), **options)
+
+
+def test_saved_model_defaults_are_kddpms(model, exported):
+    """sampler "" and steps 0 stand for the defaults (TF Serving has no optional inputs): the
+    images model.sample draws when given nothing but the seed, with the model's clipping."""
+    loaded = tf.saved_model.load(str(exported[1]["saved_model"].path))
+    images = loaded.signatures["sample"](
+        num_images=tf.constant([2]), seed=tf.constant([3], tf.int64), sampler=tf.constant([""]), steps=tf.constant([0])
+    )["images"].numpy()
+    expected = to_uint8(model.sample(2, seed=3))
+    assert np.abs(images.astype(int) - expected).max() <= 1
+    explicit = loaded.signatures["sample"](
+        num_images=tf.constant([2]), seed=tf.constant([3], tf.int64), sampler=tf.constant(["dpm++2m"]),
+        steps=tf.constant([20]),
+    )["images"].numpy()  # fmt: skip
+    np.testing.assert_array_equal(images, explicit)
+
+
+def test_deployment_clients_default_to_kddpms_choices():
+    from kddpm import defaults
+
+    onnx_sample = load_onnx_sample()
+    for name in ("SAMPLERS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "DYNAMIC_THRESHOLD_QUANTILE"):
+        assert getattr(onnx_sample, name) == getattr(defaults, name), name
+    rest_client = importlib.util.module_from_spec(
+        spec := importlib.util.spec_from_file_location("rest_client", REPO / "export" / "rest_client.py")
+    )
+    spec.loader.exec_module(rest_client)
+    assert inspect.signature(rest_client.request_samples).parameters["sampler"].default == defaults.DEFAULT_SAMPLER
 
 
 def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_path, monkeypatch):
@@ -346,12 +380,14 @@ def test_onnx_sampler_schedule_matches_the_library():
 @pytest.mark.parametrize(
     "settings",
     [
-        dict(sampler="ddpm"),
+        dict(sampler="ddpm", clip_x0=False),
         dict(sampler="ddpm", variance="beta", clip_x0=True),
-        dict(sampler="ddim", steps=9, eta=0.0),
+        dict(sampler="ddpm", clip_x0="dynamic"),
+        dict(sampler="ddim", steps=9, eta=0.0, clip_x0=False),
         dict(sampler="ddim", steps=13, eta=0.7, clip_x0=True),
+        dict(sampler="ddim", steps=9, eta=0.0, clip_x0="dynamic"),
     ],
-    ids=["ddpm", "ddpm-beta-clip", "ddim", "ddim-eta-clip"],
+    ids=["ddpm", "ddpm-beta-clip", "ddpm-dynamic", "ddim", "ddim-eta-clip", "ddim-dynamic"],
 )
 def test_onnx_sampler_matches_the_tf_sampler(model, exported, settings):
     import onnxruntime
@@ -359,9 +395,9 @@ def test_onnx_sampler_matches_the_tf_sampler(model, exported, settings):
     onnx_sample = load_onnx_sample()
     session = onnxruntime.InferenceSession(str(exported[1]["onnx"].path), providers=["CPUExecutionProvider"])
     if settings["sampler"] == "ddpm":
-        plan = ddpm_plan(model.schedule, settings.get("variance", "beta_tilde"), settings.get("clip_x0", False))
+        plan = ddpm_plan(model.schedule, settings.get("variance", "beta_tilde"), settings["clip_x0"])
     else:
-        plan = ddim_plan(model.schedule, settings["steps"], settings["eta"], settings.get("clip_x0", False))
+        plan = ddim_plan(model.schedule, settings["steps"], settings["eta"], settings["clip_x0"])
     rng = np.random.default_rng(8)
     x_T = rng.standard_normal((3, *SHAPE)).astype(np.float32)
     noise = rng.standard_normal((plan.num_steps, 3, *SHAPE)).astype(np.float32)
@@ -627,7 +663,9 @@ def test_conditional_onnx_sampler_matches_the_tf_sampler(conditional, conditiona
     metadata = onnx_sample.read_metadata(session)
     assert metadata["num_classes"] == 3 and metadata["class_names"] == CLASSES
     assert [i.name for i in session.get_inputs()] == ["x_t", "t", "label"]
-    plan = ddim_plan(conditional.schedule, 7, 0.5)
+    # The ONNX sampler clips as the metadata says: as the model does by default.
+    assert metadata["clip_x0"] is True and conditional.clip_x0 is True
+    plan = ddim_plan(conditional.schedule, 7, 0.5, clip_x0=True)
     rng = np.random.default_rng(9)
     x_T = rng.standard_normal((3, *SHAPE)).astype(np.float32)
     noise = rng.standard_normal((plan.num_steps, 3, *SHAPE)).astype(np.float32)
@@ -707,7 +745,9 @@ def test_saved_model_samples_with_dpm_solver(model, exported, sampler):
         )
 
 
-@pytest.mark.parametrize("sampler, clip_x0", [("dpm++2m", False), ("dpm++2m", True), ("dpm++2m_sde", False)])
+@pytest.mark.parametrize(
+    "sampler, clip_x0", [("dpm++2m", False), ("dpm++2m", True), ("dpm++2m", "dynamic"), ("dpm++2m_sde", False)]
+)
 def test_onnx_sampler_runs_dpm_solver_like_the_tf_sampler(model, exported, sampler, clip_x0):
     import onnxruntime
 

@@ -132,14 +132,43 @@ class GaussianDataEps(keras.layers.Layer):
         return {**super().get_config(), "alphas_cumprod": self.alphas_cumprod}
 
 
-def gaussian_model(schedule):
+@keras.saving.register_keras_serializable(package="kddpm_tests")
+class ClassGaussianEps(keras.layers.Layer):
+    """The exact eps of class c's data N(CLASS_MEANS[c], STD^2); the null label K: N(MEAN, STD^2)."""
+
+    def __init__(self, alphas_cumprod, **kwargs):
+        super().__init__(**kwargs)
+        self.alphas_cumprod = [float(a) for a in alphas_cumprod]
+
+    def call(self, inputs):
+        x_t, t, label = inputs
+        abar = tf.reshape(tf.gather(tf.constant(self.alphas_cumprod, tf.float32), t), [-1, 1, 1, 1])
+        mean = tf.reshape(tf.gather(tf.constant([*CLASS_MEANS, MEAN], tf.float32), label), [-1, 1, 1, 1])
+        return tf.sqrt(1 - abar) * (x_t - tf.sqrt(abar) * mean) / (abar * STD**2 + 1 - abar)
+
+    def get_config(self):
+        return {**super().get_config(), "alphas_cumprod": self.alphas_cumprod}
+
+
+CLASS_MEANS = (-0.5, 0.4)
+
+
+def gaussian_model(schedule, conditional=False):
     x_t = keras.Input((4, 4, 1), name="x_t")
     t = keras.Input((), dtype="int32", name="t")
-    return DiffusionModel(keras.Model([x_t, t], GaussianDataEps(schedule.alphas_cumprod)([x_t, t])), schedule)
+    if not conditional:
+        return DiffusionModel(keras.Model([x_t, t], GaussianDataEps(schedule.alphas_cumprod)([x_t, t])), schedule)
+    label = keras.Input((), dtype="int32", name="label")
+    network = keras.Model([x_t, t, label], ClassGaussianEps(schedule.alphas_cumprod)([x_t, t, label]))
+    return DiffusionModel(network, schedule, num_classes=len(CLASS_MEANS))
 
 
-def numpy_bound(images_uint8, schedule, variance, rng):
-    """The bound written from the paper's eq. 5 and section 3.3, one image at a time, own noise."""
+def numpy_bound(images_uint8, schedule, variance, rng, means=None):
+    """The bound written from the paper's eq. 5 and section 3.3, one image at a time, own noise.
+
+    means: the data mean the (exact) network assumes for each image (default MEAN for all).
+    Returns its three parts per image, in bits/dim: (prior L_T, sum of the KL terms, decoder L_0).
+    """
     betas = np.linspace(schedule.params["beta_start"], schedule.params["beta_end"], schedule.timesteps)
     alphas = 1 - betas
     abar = np.cumprod(alphas)
@@ -147,15 +176,17 @@ def numpy_bound(images_uint8, schedule, variance, rng):
     beta_tilde = betas * (1 - abar_prev) / (1 - abar)
     sigma2 = beta_tilde.copy() if variance == "beta_tilde" else betas.copy()
     sigma2[0] = beta_tilde[1]  # improved-diffusion's convention at t = 1
-    totals = []
-    for image in images_uint8:
+    parts = []
+    means = np.full(len(images_uint8), MEAN) if means is None else means
+    for image, data_mean in zip(images_uint8, means):
         x0 = image.astype(np.float64).ravel() / 127.5 - 1
         dims = x0.size
         m, v = math.sqrt(abar[-1]) * x0, 1 - abar[-1]
-        total = np.sum(0.5 * (-1 - math.log(v) + v + m**2))  # L_T
+        prior = np.sum(0.5 * (-1 - math.log(v) + v + m**2))  # L_T
+        kl = decoder = 0.0
         for t in range(schedule.timesteps):
             x_t = math.sqrt(abar[t]) * x0 + math.sqrt(1 - abar[t]) * rng.standard_normal(dims)
-            eps = math.sqrt(1 - abar[t]) * (x_t - math.sqrt(abar[t]) * MEAN) / (abar[t] * STD**2 + 1 - abar[t])
+            eps = math.sqrt(1 - abar[t]) * (x_t - math.sqrt(abar[t]) * data_mean) / (abar[t] * STD**2 + 1 - abar[t])
             x0_hat = np.clip((x_t - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t]), -1, 1)
 
             def posterior_mean(start, t=t, x_t=x_t):
@@ -168,10 +199,10 @@ def numpy_bound(images_uint8, schedule, variance, rng):
                 s = math.sqrt(sigma2[0])
                 upper = np.where(x0 > 0.999, 1.0, stats.norm.cdf((x0 + 1 / 255 - mu) / s))
                 lower = np.where(x0 < -0.999, 0.0, stats.norm.cdf((x0 - 1 / 255 - mu) / s))
-                total += -np.sum(np.log(np.maximum(upper - lower, 1e-12)))
+                decoder = -np.sum(np.log(np.maximum(upper - lower, 1e-12)))
             else:  # L_{t-1}: KL between Gaussians of variances beta_tilde_t and sigma_t^2
                 true_mu = posterior_mean(x0)
-                total += np.sum(
+                kl += np.sum(
                     0.5
                     * (
                         math.log(sigma2[t] / beta_tilde[t])
@@ -180,27 +211,64 @@ def numpy_bound(images_uint8, schedule, variance, rng):
                         - 1
                     )
                 )
-        totals.append(total / (dims * math.log(2)))
-    return np.array(totals)
+        parts.append(np.array([prior, kl, decoder]) / (dims * math.log(2)))
+    return np.array(parts).T
 
 
-@pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
-def test_bits_per_dim_matches_numpy_within_monte_carlo_error(variance):
-    schedule = NoiseSchedule.linear(60, 1e-3, 0.2)
+@pytest.mark.parametrize(
+    "variance, timesteps, beta_end",
+    [("beta_tilde", 60, 0.2), ("beta", 60, 0.2), ("beta_tilde", 8, 0.05)],
+    ids=["beta_tilde", "beta", "short-schedule"],
+)
+def test_bits_per_dim_matches_numpy_within_monte_carlo_error(variance, timesteps, beta_end):
+    """Each of the bound's three parts against the independent computation. The short schedule
+    ends far from N(0, I) (abar_T = 0.81), so its prior term L_T is large (~0.7 bits/dim here)
+    and a dropped or mis-indexed L_T fails; the long one checks the KL sum and the decoder."""
+    schedule = NoiseSchedule.linear(timesteps, 1e-3, beta_end)
     model = gaussian_model(schedule)
     rng = np.random.default_rng(5)
     images = np.clip(np.round((rng.normal(MEAN, STD, (256, 4, 4, 1)) + 1) * 127.5), 0, 255).astype(np.uint8)
     result = bits_per_dim(model, images, variance=variance, batch_size=24, seed=3)
     assert set(result) == {"total", "prior", "decoder", "kl"}
     np.testing.assert_allclose(result["total"], result["prior"] + result["kl"] + result["decoder"], rtol=1e-12)
-    reference = numpy_bound(images, schedule, variance, rng)
-    # Paired by image: the difference is noise alone; its mean must be within 4 standard errors.
-    difference = result["total"] - reference
-    assert abs(difference.mean()) < 4 * difference.std() / math.sqrt(len(images)) + 1e-3
+    prior, kl, decoder = numpy_bound(images, schedule, variance, rng)
+    # The prior involves no noise: it must agree per image, to float32 rounding of the pixels.
+    np.testing.assert_allclose(result["prior"], prior, rtol=1e-6)
+    # The others are paired by image: the difference is noise alone; its mean must be within 4
+    # standard errors (plus a small floor for parts whose noise is tiny).
+    for name, reference in (("kl", kl), ("decoder", decoder)):
+        difference = result[name] - reference
+        bound = 4 * difference.std() / math.sqrt(len(images)) + 1e-4 * np.abs(reference).mean()
+        assert abs(difference.mean()) < bound, name
     assert np.all(result["prior"] > 0) and np.all(result["kl"] > 0) and np.all(result["decoder"] > 0)
+    if timesteps == 8:
+        assert result["prior"].mean() > 0.1  # a real share of the total, not a rounding-level term
     # Independent of the batch size (the noise is keyed by image), and a float input on the grid is the same.
     again = bits_per_dim(model, images.astype(np.float32) / 127.5 - 1, variance=variance, batch_size=256, seed=3)
     np.testing.assert_allclose(again["total"], result["total"], rtol=1e-6)
+
+
+def test_bits_per_dim_of_a_conditional_model_uses_the_labels_given():
+    """Two classes of Gaussian data with an exact class-conditional network: the class-conditional
+    bound matches numpy with each image's class mean, the null label's with the pooled mean."""
+    schedule = NoiseSchedule.linear(40, 1e-3, 0.2)
+    model = gaussian_model(schedule, conditional=True)
+    rng = np.random.default_rng(9)
+    labels = np.repeat([0, 1], 64).astype(np.int32)
+    pixels = rng.normal(np.asarray(CLASS_MEANS)[labels][:, None, None, None], STD, (128, 4, 4, 1))
+    images = np.clip(np.round((pixels + 1) * 127.5), 0, 255).astype(np.uint8)
+    given = bits_per_dim(model, images, batch_size=50, seed=1, labels=labels)
+    null = bits_per_dim(model, images, batch_size=50, seed=1)  # None: the null label
+    for result, means in ((given, np.asarray(CLASS_MEANS)[labels]), (null, np.full(128, MEAN))):
+        reference = numpy_bound(images, schedule, "beta_tilde", rng, means).sum(axis=0)
+        difference = result["total"] - reference
+        assert abs(difference.mean()) < 4 * difference.std() / math.sqrt(len(images)) + 1e-4
+    # Knowing the class is worth bits: the classes' means are far apart.
+    assert given["total"].mean() < null["total"].mean() - 0.05
+    with pytest.raises(KddpmError, match="labels must be 128 class indices in \\[0, 2\\]"):
+        bits_per_dim(model, images, labels=np.full(128, 3))
+    with pytest.raises(KddpmError, match="labels need a class-conditional model"):
+        bits_per_dim(gaussian_model(schedule), images, labels=labels)
 
 
 def test_bits_per_dim_refuses_images_off_the_grid_or_of_the_wrong_shape():

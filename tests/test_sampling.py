@@ -5,7 +5,8 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import tiny_unet
+import tensorflow as tf
+from conftest import GaussianEps, numpy_threshold, tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
 from kddpm.sampling import (
@@ -15,6 +16,7 @@ from kddpm.sampling import (
     ddim_timesteps,
     ddpm_plan,
     initial_noise,
+    make_plan,
 )
 from kddpm.streams import seed_pair
 
@@ -30,11 +32,13 @@ def network():
 
 
 def eps_of(network, x, t):
+    if isinstance(network, GaussianEps):
+        return network.numpy(x, t)
     return keras.ops.convert_to_numpy(network([x.astype(np.float32), np.full(len(x), t, np.int32)]))
 
 
 def numpy_ddpm(network, betas, x_T, noise, variance="beta_tilde", clip=False):
-    """Algorithm 2, float64, one step at a time."""
+    """Algorithm 2, float64, one step at a time; with clipping, the posterior mean of the clipped x0."""
     alphas = 1 - betas
     abar = np.cumprod(alphas)
     x = x_T.astype(np.float64)
@@ -42,7 +46,7 @@ def numpy_ddpm(network, betas, x_T, noise, variance="beta_tilde", clip=False):
         eps = eps_of(network, x, t)
         abar_prev = abar[t - 1] if t > 0 else 1.0
         if clip:
-            x0 = np.clip((x - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t]), -1, 1)
+            x0 = numpy_threshold((x - math.sqrt(1 - abar[t]) * eps) / math.sqrt(abar[t]), clip)
             mean = (math.sqrt(abar_prev) * betas[t] / (1 - abar[t])) * x0 + (
                 math.sqrt(alphas[t]) * (1 - abar_prev) / (1 - abar[t])
             ) * x
@@ -53,16 +57,19 @@ def numpy_ddpm(network, betas, x_T, noise, variance="beta_tilde", clip=False):
     return x
 
 
-def numpy_ddim(network, betas, taus, x_T, noise, eta, clip=False):
+def numpy_ddim(network, betas, taus, x_T, noise, eta, clip=False, recompute_eps=True):
+    """DDIM (Song et al. 2021, eq. 12), float64. With clipping, the direction term uses the eps
+    the clipped x0 implies (guided-diffusion's ``_predict_eps_from_xstart``); recompute_eps=False
+    keeps the network's eps there instead, as diffusers' DDIMScheduler does by default."""
     abar = np.cumprod(1 - betas)
     x = x_T.astype(np.float64)
     for k, t in enumerate(taus):
         eps = eps_of(network, x, t)
         a_t = abar[t]
         a_prev = abar[taus[k + 1]] if k + 1 < len(taus) else 1.0
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        if clip:
-            x0 = np.clip(x0, -1, 1)
+        x0 = numpy_threshold((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t), clip)
+        if clip and recompute_eps:
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(1 - a_t / a_prev)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma**2) * eps + sigma * noise[k]
     return x
@@ -82,7 +89,9 @@ def draws(steps, batch=3, seed=0):
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
-@pytest.mark.parametrize("variance, clip", [("beta_tilde", False), ("beta", False), ("beta_tilde", True)])
+@pytest.mark.parametrize(
+    "variance, clip", [("beta_tilde", False), ("beta", False), ("beta_tilde", True), ("beta", "dynamic")]
+)
 def test_ddpm_matches_numpy_algorithm_2(network, schedule, variance, clip, jit_compile):
     x_T, noise = draws(T)
     plan = ddpm_plan(schedule, variance, clip)
@@ -92,13 +101,68 @@ def test_ddpm_matches_numpy_algorithm_2(network, schedule, variance, clip, jit_c
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
-@pytest.mark.parametrize("steps, eta, clip", [(10, 0.0, False), (25, 1.0, False), (10, 0.5, True)])
+@pytest.mark.parametrize(
+    "steps, eta, clip", [(10, 0.0, False), (25, 1.0, False), (10, 0.5, True), (12, 0.0, "dynamic")]
+)
 def test_ddim_matches_numpy(network, schedule, steps, eta, clip, jit_compile):
     x_T, noise = draws(steps)
     plan = ddim_plan(schedule, steps, eta, clip)
     ours = Sampler(network, (8, 8, 1), jit_compile).sample(plan, x_T=x_T, noise=noise).numpy()
     reference = numpy_ddim(network, schedule.betas, list(plan.timesteps), x_T, noise, eta, clip)
     np.testing.assert_allclose(ours, reference, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("clip", [True, "dynamic"])
+def test_clipped_ddim_continues_from_the_clipped_prediction(clip):
+    """Gaussian data with its mean outside [-1, 1] (as guidance makes it, (1 + w) mu_c - w mu_null):
+    the exact posterior mean x0_hat leaves [-1, 1] from the first step, so clipping is active all
+    along. The compiled DDIM must follow the numpy DDIM that recomputes eps from the clipped x0,
+    and differ clearly from the variant that keeps the network's eps (which drifts off the data)."""
+    schedule = NoiseSchedule.linear(1000)
+    network = GaussianEps(schedule, mean=1.3, std=0.3)
+    x_T = np.random.default_rng(8).standard_normal((64, 4, 4, 1)).astype(np.float32)
+    plan = ddim_plan(schedule, 20, clip_x0=clip)
+    noise = np.zeros((20, *x_T.shape), np.float32)
+    got = Sampler(network, (4, 4, 1), jit_compile=False).sample(plan, x_T=x_T).numpy()
+    taus = list(plan.timesteps)
+    want = numpy_ddim(network, schedule.betas, taus, x_T, noise, 0.0, clip)
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    raw_eps = numpy_ddim(network, schedule.betas, taus, x_T, noise, 0.0, clip, recompute_eps=False)
+    assert np.abs(raw_eps - want).max() > 0.05
+    # Clipping was active: the unclipped x0 predictions of the first step leave [-1, 1].
+    first = (x_T - np.sqrt(1 - schedule.alphas_cumprod[999]) * network.numpy(x_T, 999)) / np.sqrt(
+        schedule.alphas_cumprod[999]
+    )
+    assert np.all(np.abs(first) > 1)
+
+
+def test_dynamic_thresholding_is_the_per_image_quantile():
+    from kddpm.sampling import clip_prediction
+
+    rng = np.random.default_rng(2)
+    x0 = np.concatenate([rng.normal(0, 3, (2, 5, 7, 3)), rng.uniform(-0.5, 0.5, (1, 5, 7, 3))]).astype(np.float32)
+    got = clip_prediction(tf.constant(x0), "dynamic").numpy()
+    np.testing.assert_allclose(got, numpy_threshold(x0.astype(np.float64), "dynamic"), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[2], x0[2])  # s = max(1, quantile) = 1 inside [-1, 1]: unchanged
+    assert np.abs(got[:2]).max() <= 1 and np.abs(got[:2]).max() > 0.9
+    with pytest.raises(KddpmError, match="clip_x0 must be True, False or 'dynamic'"):
+        ddim_plan(NoiseSchedule.linear(10), 5, clip_x0="static")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m", "dpm++2m_sde"])
+def test_the_longest_plan_of_every_sampler_is_finite(network, sampler):
+    """steps = T (DDPM, DDIM) and T - 1 (DPM-Solver++, whose grid of steps + 1 points over T
+    integers repeats a timestep at steps = T): every step finite; steps = T is refused there."""
+    schedule = NoiseSchedule.linear(50, 1e-3, 0.2)
+    longest = 49 if sampler.startswith("dpm") else 50
+    plan = make_plan(schedule, sampler, None if sampler == "ddpm" else longest)
+    assert plan.num_steps == longest and len(set(plan.timesteps)) == longest
+    assert np.isfinite(plan.coefficients()).all()
+    images = Sampler(network, (8, 8, 1), jit_compile=False).sample(plan, 2, seed=1).numpy()
+    assert np.isfinite(images).all()
+    if sampler.startswith("dpm"):
+        with pytest.raises(KddpmError, match="between 1 and T-1=49"):
+            make_plan(schedule, sampler, 50)
 
 
 def test_ddim_with_eta_1_over_all_steps_is_ddpm(schedule):
@@ -235,7 +299,7 @@ def test_sampling_in_bfloat16_uses_a_bfloat16_copy_with_current_weights(network,
     x, t = np.random.default_rng(0).standard_normal((2, 8, 8, 1)).astype(np.float32), np.array([3, 60], np.int32)
     exact, rounded = model.ema_denoiser([x, t]).numpy(), copy([x, t]).numpy()
     assert 0 < np.abs(rounded - exact).max() < 0.05 * np.abs(exact).max()  # bfloat16 rounding, same weights
-    plan = ddim_plan(schedule, 6)
+    plan = model.plan("ddim", 6)  # with the model's default clipping
 
     def expected(net):
         return np.clip(Sampler(net, (8, 8, 1), jit_compile=False).sample(plan, 3, seed=2).numpy(), -1, 1)

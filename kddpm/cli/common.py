@@ -7,12 +7,6 @@ import os
 from pathlib import Path
 
 GRID_IMAGES = 64
-# Classifier-free guidance scale w of kddpm sample and the training grids of conditional models
-# (chosen from the figures of the guidance benchmark; see the README).
-DEFAULT_GUIDANCE = 0.5
-# kddpm sample's sampler (its steps are the sampler's default), chosen from the quality-per-call
-# figures in the README.
-DEFAULT_SAMPLER = "dpm++2m"
 
 
 def verbose_flag() -> argparse.ArgumentParser:
@@ -29,6 +23,27 @@ def positive(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise KddpmError(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+
+
+def add_clip_x0(parser: argparse.ArgumentParser, what: str = "clip the predicted x0 to [-1, 1] at each step") -> None:
+    """--clip-x0 [dynamic] / --no-clip-x0 -> args.clip_x0 in (None, True, False, 'dynamic')."""
+
+    def mode(text: str):
+        if text in ("on", "dynamic"):
+            return True if text == "on" else "dynamic"
+        raise argparse.ArgumentTypeError(f"--clip-x0 takes no value, 'on' or 'dynamic', not {text!r}")
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--clip-x0",
+        nargs="?",
+        const=True,
+        type=mode,
+        metavar="dynamic",
+        help=f"{what}; --clip-x0 dynamic: dynamic thresholding (Saharia et al. 2022); default: the model's own "
+        "setting (on for models trained here)",
+    )
+    group.add_argument("--no-clip-x0", dest="clip_x0", action="store_const", const=False, help="do not clip x0")
 
 
 def add_grid_scale(parser: argparse.ArgumentParser) -> None:

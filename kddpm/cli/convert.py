@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _describe(model) -> None:
+    from kddpm.defaults import clip_name
+
     height, width, channels = model.image_shape
     print(
         f"Model: {model.denoiser.count_params():,} parameters, {height}x{width}x{channels} images, {model.schedule}, "
-        f"DDPM variance {model.variance}, clip_x0 {'on' if model.clip_x0 else 'off'}"
+        f"DDPM variance {model.variance}, clip_x0 {clip_name(model.clip_x0)}"
     )

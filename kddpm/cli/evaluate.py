@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from kddpm.cli.common import positive
-from kddpm.sampling.plans import SAMPLERS
+from kddpm.cli.common import add_clip_x0, positive
+from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, SAMPLERS
 
 
 def add_parser(verbs, common) -> None:
@@ -24,15 +24,13 @@ def add_parser(verbs, common) -> None:
         "--metrics", default="fid,kid,pr,bpd", help="comma-separated: fid, kid, pr, bpd (default: all four)"
     )
     evaluate.add_argument("--num-samples", type=int, default=10_000, help="generated images (default 10000)")
-    evaluate.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="default ddim")
+    evaluate.add_argument(
+        "--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help=f"default {DEFAULT_SAMPLER} (as kddpm sample)"
+    )
     evaluate.add_argument(
         "--steps", type=int, help="steps of ddim (default 50) and dpm++2m, dpm++2m_sde (default 20); DDPM takes all T"
     )
-    evaluate.add_argument(
-        "--clip-x0",
-        action=argparse.BooleanOptionalAction,
-        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
-    )
+    add_clip_x0(evaluate)
     evaluate.add_argument(
         "--reference",
         help="real images: fashion_mnist:test (default for Fashion-MNIST-shaped models), fashion_mnist:train, "
@@ -46,6 +44,24 @@ def add_parser(verbs, common) -> None:
     evaluate.add_argument("--bpd-images", type=int, default=256, help="reference images for bits/dim (default 256)")
     evaluate.add_argument(
         "--variance", choices=["beta_tilde", "beta", "both"], default="beta_tilde", help="sigma^2 of the bound"
+    )
+    evaluate.add_argument(
+        "--labels",
+        choices=["reference", "uniform", "null"],
+        help="class-conditional models: sample classes in the reference's proportions (default), equally, or "
+        "with the null label (the unconditional model)",
+    )
+    evaluate.add_argument(
+        "--guidance",
+        type=float,
+        help=f"class-conditional models: guidance scale w of the samples (default {DEFAULT_GUIDANCE}; 0 with "
+        "--labels null)",
+    )
+    evaluate.add_argument(
+        "--bpd-labels",
+        choices=["true", "null"],
+        help="class-conditional models: bits/dim given each reference image's own class (default: true) or the "
+        "null label",
     )
     evaluate.add_argument("--batch-size", type=int, help="images per graph call (default 256)")
     evaluate.add_argument("--seed", type=int, default=0)
@@ -86,6 +102,9 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         progress=True,
         log=print,
+        labels=args.labels,
+        guidance_scale=args.guidance,
+        bpd_labels=args.bpd_labels,
     )
     record = {
         "model": str(model_path.resolve()),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kddpm.cli.common import add_clip_x0
+
 
 def add_parser(verbs, common) -> None:
     export = verbs.add_parser(
@@ -19,11 +21,7 @@ def add_parser(verbs, common) -> None:
     export.add_argument("--name", default="kddpm", help="model name: the SavedModel folder and ONNX file name")
     export.add_argument("--version", type=int, help="SavedModel version (default: one more than the highest there)")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    export.add_argument(
-        "--clip-x0",
-        action=argparse.BooleanOptionalAction,
-        help="the SavedModel's sample signatures clip x0 (default: the model's own setting)",
-    )
+    add_clip_x0(export, "the SavedModel's sample signatures and the ONNX metadata clip x0")
     export.add_argument("--overwrite", action="store_true", help="replace an existing ONNX file")
     export.set_defaults(run=run)
 

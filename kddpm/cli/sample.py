@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kddpm.cli.common import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, add_grid_scale, positive
-from kddpm.sampling.plans import DEFAULT_STEPS, SAMPLERS
+from kddpm.cli.common import add_clip_x0, add_grid_scale, positive
+from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 
 def add_parser(verbs, common) -> None:
@@ -29,11 +29,7 @@ def add_parser(verbs, common) -> None:
     sample.add_argument(
         "--variance", choices=["beta_tilde", "beta"], help="DDPM's sigma^2 (default beta_tilde); DDPM only"
     )
-    sample.add_argument(
-        "--clip-x0",
-        action=argparse.BooleanOptionalAction,
-        help="clip the predicted x0 to [-1, 1] at each step (default: the model's own setting)",
-    )
+    add_clip_x0(sample)
     sample.add_argument("--batch-size", type=int, help="images per graph call (default: all)")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
     add_grid_scale(sample)

@@ -9,7 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kddpm.cli.common import DEFAULT_GUIDANCE, GRID_IMAGES, add_grid_scale, positive, save_atomically
+from kddpm.cli.common import GRID_IMAGES, add_grid_scale, positive, save_atomically
+from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 
 def add_parser(verbs, common) -> None:
@@ -226,13 +227,14 @@ def run(args: argparse.Namespace) -> int:
     # directory of their own that is removed at the end.
     write_dir = out if chief else Path(tempfile.mkdtemp(prefix="kddpm-worker-"))
     write_dir.mkdir(parents=True, exist_ok=True)
-    grid_settings = {"sampler": preset.grid_sampler, "steps": preset.grid_steps, "clip_x0": preset.clip_x0}
+    # The grids use kddpm's default sampler, steps, clipping and guidance, as kddpm sample does.
+    grid_settings = {}
     grid_images, grid_columns = GRID_IMAGES, None
     if class_names:
-        # One row per class, at the default guidance of kddpm sample.
+        # One row per class.
         labels, grid_columns = class_grid_labels(len(class_names), GRID_IMAGES)
         grid_images = len(labels)
-        grid_settings.update(labels=labels, guidance_scale=DEFAULT_GUIDANCE)
+        grid_settings.update(labels=labels)
     throughput = Throughput(batch_size)
     callbacks = [
         StopOnNonFiniteLoss(),  # first, so that nothing after it saves broken weights
@@ -244,9 +246,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.eval_every and chief:
         # Before TensorBoard, which then writes the FID and KID it adds to the epoch's logs.
-        evaluation = EvaluateEvery(
-            args.eval_every, args.eval_samples, reference=args.eval_reference, clip_x0=preset.clip_x0, seed=args.seed
-        )
+        evaluation = EvaluateEvery(args.eval_every, args.eval_samples, reference=args.eval_reference, seed=args.seed)
         callbacks.insert(3, evaluation)
     if chief:
         grids = SampleGrid(
@@ -280,10 +280,7 @@ def run(args: argparse.Namespace) -> int:
     # save above still resumes.
     shutil.rmtree(backup_dir, ignore_errors=True)
     rows = f", one row per class, guidance {DEFAULT_GUIDANCE}" if class_names else ""
-    print(
-        f"Sampling a {grid_images}-image grid "
-        f"({preset.grid_sampler}, {preset.grid_steps or model.schedule.timesteps} steps{rows})"
-    )
+    print(f"Sampling a {grid_images}-image grid ({DEFAULT_SAMPLER}, {DEFAULT_STEPS[DEFAULT_SAMPLER]} steps{rows})")
     images = model.sample(grid_images, seed=args.seed, progress=True, **grid_settings)
     grid = write_grid(images, out / "samples" / "final.png", args.grid_scale, grid_columns, class_names)
     losses = history.history.get("loss") or [float("nan")]

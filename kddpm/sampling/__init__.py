@@ -2,10 +2,14 @@
 
 from kddpm.sampling.loop import XLA_CPU_MAX_BATCH, Sampler, initial_noise, step_noise, to_uint8, to_uint8_tensor
 from kddpm.sampling.plans import (
+    CLIP_MODES,
+    DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     SAMPLERS,
     VARIANCES,
     SamplingPlan,
+    check_clip_x0,
+    clip_prediction,
     ddim_plan,
     ddim_tables,
     ddim_timesteps,
@@ -16,12 +20,16 @@ from kddpm.sampling.plans import (
 )
 
 __all__ = [
+    "CLIP_MODES",
+    "DEFAULT_SAMPLER",
     "DEFAULT_STEPS",
     "SAMPLERS",
     "VARIANCES",
     "XLA_CPU_MAX_BATCH",
     "Sampler",
     "SamplingPlan",
+    "check_clip_x0",
+    "clip_prediction",
     "ddim_plan",
     "ddim_tables",
     "ddim_timesteps",

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
-from kddpm.sampling.plans import NUM_COEFFICIENTS, SamplingPlan
+from kddpm.sampling.plans import NUM_COEFFICIENTS, SamplingPlan, clip_prediction
 from kddpm.streams import example_normals, fold_in, seed_pair
 
 # On CPU, XLA's compiled loop beats TensorFlow's oneDNN kernels only at small batches. Per
@@ -190,7 +190,7 @@ class Sampler:
                 shots.append((-1, x.numpy(), np.clip(x.numpy(), -1.0, 1.0)))
         return shots
 
-    def _function(self, clip_x0: bool, explicit_noise: bool, jit_compile: bool, guided: bool = False):
+    def _function(self, clip_x0: bool | str, explicit_noise: bool, jit_compile: bool, guided: bool = False):
         key = (clip_x0, explicit_noise, jit_compile, guided)
         if key not in self._functions:
             signature = [
@@ -237,7 +237,7 @@ class Sampler:
 
         return guided_eps
 
-    def loop(self, clip_x0: bool, explicit_noise: bool, guided: bool = False):
+    def loop(self, clip_x0: bool | str, explicit_noise: bool, guided: bool = False):
         """The reverse loop as a plain Python function of tensors, for use inside any graph:
         ``loop(x, x0_prev, key, first, timesteps, coefficients, start, stop[, noise][, labels,
         guidance]) -> (x, x0_prev)`` runs plan steps [start, stop) from x, images first ..
@@ -256,9 +256,7 @@ class Sampler:
                 t = tf.fill([batch], timesteps[k])
                 eps = eps_of(x, t, *condition)
                 x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, coef_x0_prev = tf.unstack(coefficients[k])
-                x0_hat = x0_from_xt * x - x0_from_eps * eps
-                if clip_x0:
-                    x0_hat = tf.clip_by_value(x0_hat, -1.0, 1.0)
+                x0_hat = clip_prediction(x0_from_xt * x - x0_from_eps * eps, clip_x0)
                 # DDPM and DDIM weigh x0_hat only when clipping, and x0_prev never (their rows
                 # are 0 there, which adds exactly nothing).
                 x_prev = coef_xt * x + coef_eps * eps + (coef_x0 * x0_hat + coef_x0_prev * x0_prev)

@@ -10,8 +10,14 @@ x0_hat_before is the previous step's x0_hat (zero at the first step): multistep 
 in the loop. DDPM without clipping is Algorithm 2 as printed, x_prev = (x_t - beta_t /
 sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z; with clipping it is the posterior mean of the
 clipped x0_hat, as in the original code. DDIM (Song et al. 2021) is the same loop over a shorter,
-decreasing list of timesteps. DPM-Solver++(2M) (Lu et al. 2022) is a linear multistep method in
-the data prediction x0_hat, first order at its first and last steps, second order between.
+decreasing list of timesteps; with clipping it continues from the eps that the clipped x0_hat
+implies, as guided-diffusion and GLIDE do, so that every step stays on the line through x_t and
+the clipped prediction. DPM-Solver++(2M) (Lu et al. 2022) is a linear multistep method in the
+data prediction x0_hat, first order at its first and last steps, second order between.
+
+Clipping (``clip_x0``): False; True, x0_hat clipped to [-1, 1]; or "dynamic", Imagen's dynamic
+thresholding (Saharia et al. 2022): s = max(1, the 0.995 quantile of |x0_hat| over each image),
+x0_hat = clip(x0_hat, -s, s) / s.
 """
 
 from __future__ import annotations
@@ -22,14 +28,67 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from kddpm.defaults import (
+    CLIP_MODES,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DYNAMIC_THRESHOLD_QUANTILE,
+    SAMPLERS,
+    VARIANCES,
+)
 from kddpm.errors import KddpmError
 from kddpm.schedule import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
-VARIANCES = ("beta_tilde", "beta")
-# Default steps of the samplers that take a step count.
-DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
+__all__ = [
+    "CLIP_MODES",
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
+    "SAMPLERS",
+    "VARIANCES",
+    "SamplingPlan",
+    "check_clip_x0",
+    "clip_prediction",
+    "ddim_plan",
+    "ddim_tables",
+    "ddim_timesteps",
+    "ddpm_plan",
+    "dpm_solver_plan",
+    "dpm_solver_tables",
+    "make_plan",
+]
 NUM_COEFFICIENTS = 7
+
+
+def check_clip_x0(clip_x0) -> bool | str:
+    """``clip_x0`` as one of CLIP_MODES (numpy bools count as bools), or KddpmError."""
+    if isinstance(clip_x0, (bool, np.bool_)):
+        return bool(clip_x0)
+    if clip_x0 == "dynamic":
+        return "dynamic"
+    raise KddpmError(f"clip_x0 must be True, False or 'dynamic' (dynamic thresholding), got {clip_x0!r}.")
+
+
+def clip_prediction(x0_hat: tf.Tensor, clip_x0: bool | str) -> tf.Tensor:
+    """x0_hat [B, H, W, C] clipped as ``clip_x0`` says (see the module docstring).
+
+    The dynamic threshold is the quantile with linear interpolation between order statistics
+    (numpy's and torch's default), read off ``top_k``, which XLA compiles.
+    """
+    if not clip_x0:
+        return x0_hat
+    if clip_x0 != "dynamic":
+        return tf.clip_by_value(x0_hat, -1.0, 1.0)
+    size = math.prod(x0_hat.shape[1:])
+    flat = tf.abs(tf.reshape(x0_hat, [-1, size]))
+    position = DYNAMIC_THRESHOLD_QUANTILE * (size - 1)
+    below = math.floor(position)
+    # The largest size - below values, descending: [..., sorted[below + 1], sorted[below]].
+    top = tf.math.top_k(flat, k=size - below).values
+    low = top[:, -1]
+    high = top[:, -2] if size - below >= 2 else low
+    s = tf.maximum(low + (position - below) * (high - low), 1.0)
+    s = tf.reshape(s, [-1, 1, 1, 1])
+    return tf.clip_by_value(x0_hat, -s, s) / s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +103,7 @@ class SamplingPlan:
     coef_eps: np.ndarray
     sigma: np.ndarray
     coef_x0_prev: np.ndarray  # the previous step's x0_hat (multistep solvers; zero otherwise)
-    clip_x0: bool
+    clip_x0: bool | str  # one of CLIP_MODES
 
     @property
     def num_steps(self) -> int:
@@ -56,8 +115,9 @@ class SamplingPlan:
         return np.stack([*rows, self.coef_x0_prev], axis=1).astype(np.float32)
 
 
-def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool = False) -> SamplingPlan:
+def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool | str = False) -> SamplingPlan:
     """Algorithm 2 over all T steps; sigma_t^2 = beta_tilde_t (default) or beta_t, zero at t = 1."""
+    clip_x0 = check_clip_x0(clip_x0)
     if variance not in VARIANCES:
         raise KddpmError(f"Unknown variance {variance!r}; use one of {VARIANCES}.")
     s = schedule
@@ -90,8 +150,9 @@ def ddim_timesteps(timesteps: int, steps: int) -> np.ndarray:
     return ddim_tables(tf.zeros([timesteps], tf.float64), tf.constant(steps))[0].numpy().astype(np.int64)
 
 
-def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool = False) -> SamplingPlan:
+def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x0: bool | str = False) -> SamplingPlan:
     """DDIM over ``steps`` timesteps: eta = 0 is deterministic, eta = 1 over all T is DDPM."""
+    clip_x0 = check_clip_x0(clip_x0)
     if eta < 0:
         raise KddpmError(f"eta must be >= 0, got {eta}.")
     _check_steps("DDIM", schedule.timesteps, steps)
@@ -100,12 +161,15 @@ def ddim_plan(schedule: NoiseSchedule, steps: int = 50, eta: float = 0.0, clip_x
 
 
 def ddim_tables(
-    alphas_cumprod: tf.Tensor, steps: tf.Tensor, eta: float | tf.Tensor = 0.0, clip_x0: bool = False
+    alphas_cumprod: tf.Tensor, steps: tf.Tensor, eta: float | tf.Tensor = 0.0, clip_x0: bool | str = False
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """The DDIM plan as tensors, so that a graph can build it from a ``steps`` input.
 
-    alphas_cumprod: [T] float64. steps: int32 scalar in [1, T]. Returns timesteps [S] int32
-    and the seven coefficient rows, each [S] float64, in ``SamplingPlan`` order.
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps + sigma z. With clipping,
+    eps is the one the clipped x0_hat implies, eps' = (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar)
+    (guided-diffusion's ``_predict_eps_from_xstart``); without, the network's eps, which is the
+    same thing. alphas_cumprod: [T] float64. steps: int32 scalar in [1, T]. Returns timesteps [S]
+    int32 and the seven coefficient rows, each [S] float64, in ``SamplingPlan`` order.
     """
     last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
     timesteps = tf.cast(tf.round(tf.linspace(last, tf.constant(0.0, tf.float64), steps)), tf.int32)
@@ -116,7 +180,9 @@ def ddim_tables(
     direction = tf.sqrt(tf.maximum(1.0 - abar_prev - sigma**2, 0.0))
     zeros = tf.zeros_like(abar)
     if clip_x0:
-        coef_x0, coef_xt, coef_eps = tf.sqrt(abar_prev), zeros, direction
+        # sqrt(abar_prev) x0c + direction (x_t - sqrt(abar) x0c) / sqrt(1 - abar): no raw eps.
+        coef_x0 = tf.sqrt(abar_prev) - direction * tf.sqrt(abar / (1.0 - abar))
+        coef_xt, coef_eps = direction / tf.sqrt(1.0 - abar), zeros
     else:
         # sqrt(abar_prev) * x0_hat expanded, so that no clip-free step divides by sqrt(abar).
         coef_x0 = zeros
@@ -128,22 +194,26 @@ def ddim_tables(
 
 
 def dpm_solver_plan(
-    schedule: NoiseSchedule, steps: int = 20, clip_x0: bool = False, stochastic: bool = False
+    schedule: NoiseSchedule, steps: int = 20, clip_x0: bool | str = False, stochastic: bool = False
 ) -> SamplingPlan:
-    """DPM-Solver++(2M) (Lu et al. 2022) over ``steps`` steps; ``stochastic``: its SDE variant."""
-    _check_steps("DPM-Solver++", schedule.timesteps, steps)
+    """DPM-Solver++(2M) (Lu et al. 2022) over ``steps`` steps (at most T - 1, see
+    ``dpm_solver_tables``); ``stochastic``: its SDE variant."""
+    clip_x0 = check_clip_x0(clip_x0)
+    _check_steps("DPM-Solver++", schedule.timesteps - 1, steps)
     timesteps, rows = dpm_solver_tables(tf.constant(schedule.alphas_cumprod), tf.constant(steps), clip_x0, stochastic)
     return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=clip_x0)
 
 
 def dpm_solver_tables(
-    alphas_cumprod: tf.Tensor, steps: tf.Tensor, clip_x0: bool = False, stochastic: bool | tf.Tensor = False
+    alphas_cumprod: tf.Tensor, steps: tf.Tensor, clip_x0: bool | str = False, stochastic: bool | tf.Tensor = False
 ) -> tuple[tf.Tensor, list[tf.Tensor]]:
     """DPM-Solver++(2M) as tensors (for graphs that take ``steps`` as an input), as diffusers'
     ``DPMSolverMultistepScheduler`` defaults run it.
 
     Timesteps: round(linspace(0, T - 1, steps + 1)) reversed, the last (0) dropped; the solver
-    then steps from each to the next and from the last to sigma = 0 (x0 itself). With
+    then steps from each to the next and from the last to sigma = 0 (x0 itself). steps <= T - 1:
+    at steps = T the T + 1 grid points share T integers, a timestep repeats, h = 0, and the
+    second-order step divides by it. With
     alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma), h = lambda_next -
     lambda and the data predictions m0 (this step) and m1 (the previous one):
 
@@ -152,7 +222,7 @@ def dpm_solver_tables(
 
     The SDE variant (sde-dpmsolver++): x' = sigma'/sigma e^-h x + alpha' (1 - e^-2h) (m0 [+ (m0 - m1)
     / 2r]) + sigma' sqrt(1 - e^-2h) z. Both are linear in x, m0 and m1: the seven ``SamplingPlan`` rows.
-    alphas_cumprod: [T] float64; steps: int32 scalar in [1, T]. Returns timesteps [S] int32 and rows [S].
+    alphas_cumprod: [T] float64; steps: int32 scalar in [1, T - 1]. Returns timesteps [S] int32 and rows [S].
     """
     last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
     grid = tf.round(tf.linspace(tf.constant(0.0, tf.float64), last, steps + 1))
@@ -188,18 +258,19 @@ def dpm_solver_tables(
     return timesteps, rows
 
 
-def _check_steps(name: str, timesteps: int, steps: int) -> None:
-    if not 1 <= steps <= timesteps:
-        raise KddpmError(f"{name} steps must be between 1 and T={timesteps}, got {steps}.")
+def _check_steps(name: str, most: int, steps: int) -> None:
+    if not 1 <= steps <= most:
+        bound = f"T={most}" if name == "DDIM" else f"T-1={most}"
+        raise KddpmError(f"{name} steps must be between 1 and {bound}, got {steps}.")
 
 
 def make_plan(
     schedule: NoiseSchedule,
-    sampler: str = "ddpm",
+    sampler: str = DEFAULT_SAMPLER,
     steps: int | None = None,
     eta: float | None = None,
     variance: str | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | str = False,
 ) -> SamplingPlan:
     """The plan for ``sampler``: 'ddpm' over all T steps (``variance``, default 'beta_tilde'),
     'ddim' over ``steps`` (default 50) with ``eta`` (default 0), or 'dpm++2m' / 'dpm++2m_sde'
