@@ -31,8 +31,8 @@ import numpy as np
 from kddpm.data import load_fashion_mnist
 from kddpm.evaluation import evaluate
 from kddpm.features import feature_extractor, reference_features
+from kddpm.loading import load_diffusion_model
 from kddpm.metrics import feature_statistics, frechet_distance_from_stats, kernel_distance, precision_recall
-from kddpm.model import load_diffusion_model
 from kddpm.sampling import to_uint8
 
 

@@ -26,7 +26,7 @@ import onnxruntime
 import tensorflow as tf
 
 from kddpm.export import export_onnx, export_saved_model
-from kddpm.model import load_diffusion_model
+from kddpm.loading import load_diffusion_model
 from kddpm.presets import PRESETS
 from kddpm.training import create_model
 

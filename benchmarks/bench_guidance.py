@@ -31,8 +31,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np
 
 from kddpm.features import feature_extractor, reference_features, shipped_fashion_mnist_classifier
+from kddpm.loading import load_diffusion_model
 from kddpm.metrics import feature_statistics, frechet_distance_from_stats
-from kddpm.model import load_diffusion_model
 from kddpm.sampling import Sampler, to_uint8
 
 CLIP_MODES = {"clip": True, "dynamic": "dynamic", "off": False, "raw-eps": True}

@@ -27,8 +27,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np
 
 from kddpm.features import feature_extractor, reference_features
+from kddpm.loading import load_diffusion_model
 from kddpm.metrics import feature_statistics, frechet_distance_from_stats
-from kddpm.model import load_diffusion_model
 from kddpm.sampling import Sampler, make_plan, to_uint8
 
 

@@ -18,7 +18,8 @@ if _startup.invoked_as_command_line() and not _startup.verbose_requested():
 
 from kddpm.data import load_dataset, load_fashion_mnist
 from kddpm.errors import KddpmError
-from kddpm.model import DiffusionModel, load_diffusion_model
+from kddpm.loading import load_diffusion_model
+from kddpm.model import DiffusionModel
 from kddpm.presets import PRESETS
 from kddpm.schedule import NoiseSchedule
 from kddpm.unet import build_unet

@@ -36,7 +36,9 @@ import tensorflow as tf
 
 from kddpm.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from kddpm.errors import KddpmError
-from kddpm.model import DiffusionModel, load_diffusion_model, network_with_precision
+from kddpm.loading import load_diffusion_model
+from kddpm.model import DiffusionModel
+from kddpm.networks import network_with_precision
 from kddpm.sampling import (
     Sampler,
     check_clip_x0,

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-import zipfile
-import zlib
-from pathlib import Path
 from typing import Any
 
 import keras
@@ -16,11 +11,13 @@ import tensorflow as tf
 # Registers the U-Net's custom layers, so that a saved model loads without custom_objects
 # in a process that never built one.
 import kddpm.unet  # noqa: F401
-from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER
+from kddpm import labels as _labels
 from kddpm.errors import KddpmError
-from kddpm.sampling import VARIANCES, Sampler, SamplingPlan, check_clip_x0, make_plan
+from kddpm.generation import Generation
+from kddpm.networks import copy_network
+from kddpm.sampling import VARIANCES, check_clip_x0
 from kddpm.schedule import NoiseSchedule
-from kddpm.streams import example_integers, example_keys, example_normals, example_uniforms, fold_in
+from kddpm.streams import example_integers, example_keys, example_normals, fold_in
 
 # Training images must lie in [-1, 1]; this bound only catches data that was never scaled
 # (0..255, or standardised with large outliers), leaving room for resampling overshoot.
@@ -28,10 +25,13 @@ _MAX_ABS_PIXEL = 1.5
 _OUT_OF_RANGE = "Training images lie far outside [-1, 1]; scale them to [-1, 1] (x / 127.5 - 1 for 0..255 data)."
 _OUT_OF_RANGE_KEY = "data_out_of_range"
 _BAD_LABELS_KEY = "labels_out_of_range"
+# The host reads the train steps' data flags once per this many steps (and at every epoch's end),
+# not after every step, which would make each step wait for the device.
+DATA_CHECK_EVERY = 100
 
 
 @keras.saving.register_keras_serializable(package="kddpm")
-class DiffusionModel(keras.Model):
+class DiffusionModel(Generation, keras.Model):
     """Trains any eps-network with ``fit`` and samples from an EMA copy of its weights.
 
     Args:
@@ -91,12 +91,12 @@ class DiffusionModel(keras.Model):
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.seed = int(seed)
         self.image_shape = _image_shape_of(denoiser, image_shape)
-        self.num_classes = _num_classes_of(denoiser, num_classes)
+        self.num_classes = _labels.num_classes_of(denoiser, num_classes)
         if not 0.0 <= label_dropout < 1.0:
             raise KddpmError(f"label_dropout must be in [0, 1), got {label_dropout}.")
         self.label_dropout = float(label_dropout)
-        self.class_names = _checked_class_names(class_names, self.num_classes)
-        self.ema_denoiser = _copy_network(denoiser, self.image_shape, self.num_classes)
+        self.class_names = _labels.checked_class_names(class_names, self.num_classes)
+        self.ema_denoiser = copy_network(denoiser, self.image_shape, self.num_classes)
         self.ema_denoiser.trainable = False
         # Data batches trained on (skipped float16 steps included): keys the training noise and
         # says where a resumed run's data stream continues. optimizer.iterations is not it: a
@@ -105,8 +105,7 @@ class DiffusionModel(keras.Model):
             0, dtype="int64", trainable=False, aggregation="only_first_replica", name="batches_seen"
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self._sampler: Sampler | None = None
-        self._sampler_key: tuple | None = None
+        self._pending_data_checks: list = []
         self.built = True
 
     # --- Keras plumbing --------------------------------------------------------------------
@@ -192,7 +191,7 @@ class DiffusionModel(keras.Model):
         conditions = []
         if labels is not None:
             labels_valid = tf.reduce_all((labels >= 0) & (labels < self.num_classes))
-            conditions = [self._drop_labels(labels, key, first)]
+            conditions = [_labels.drop_labels(labels, self.label_dropout, self.num_classes, key, first)]
         in_range = images_valid & labels_valid
 
         def update():
@@ -221,7 +220,7 @@ class DiffusionModel(keras.Model):
             # without XLA, which Keras leaves off under strategies.
             checks = [
                 tf.debugging.Assert(images_valid, [_OUT_OF_RANGE]),
-                tf.debugging.Assert(labels_valid, [self._bad_labels_message()]),
+                tf.debugging.Assert(labels_valid, [_labels.bad_training_labels_message(self.num_classes or 0)]),
             ]
             with tf.control_dependencies(checks):
                 loss = update()
@@ -232,42 +231,58 @@ class DiffusionModel(keras.Model):
             _BAD_LABELS_KEY: _reportable(1.0 - tf.cast(labels_valid, tf.float32)),
         }
 
-    def _bad_labels_message(self) -> str:
-        return (
-            f"Training labels must be class indices in [0, {self.num_classes}) for this {self.num_classes}-class "
-            "model; check the dataset's labels or build the model with more classes."
-        )
-
-    def _drop_labels(self, labels: tf.Tensor, key: tf.Tensor, first) -> tf.Tensor:
-        """Each label replaced by the null label K with probability label_dropout, keyed like the noise."""
-        if not self.label_dropout:
-            return labels
-        uniform = example_uniforms(fold_in(key, 4), first, tf.shape(labels)[0], ())
-        return tf.where(uniform < self.label_dropout, tf.fill(tf.shape(labels), self.num_classes), labels)
-
     def make_train_function(self, force=False):
-        """Keras' train function, raising KddpmError after a step that saw out-of-range data."""
+        """Keras' train function, raising KddpmError once a step has seen out-of-range data.
+
+        Without a distribution strategy a step on bad data applies no update (see train_step);
+        its flag is kept on the device and read with the others every ``DATA_CHECK_EVERY`` steps
+        and at each epoch's end, so that no step waits for the host. The error names the first
+        bad step. Under a strategy the step's assert raises at once.
+        """
         if self.train_function is not None and not force:
             return self.train_function
         super().make_train_function(force=force)
         step = self.train_function
+        self._pending_data_checks = []
+        self._steps_run = 0
 
         def checked(iterator):
             try:
                 logs = dict(step(iterator))
             except tf.errors.InvalidArgumentError as error:
-                for message in (_OUT_OF_RANGE, self._bad_labels_message()):
+                messages = [_OUT_OF_RANGE, _labels.bad_training_labels_message(self.num_classes or 0)]
+                for message in messages:
                     if message in str(error):
                         raise KddpmError(message) from None
                 raise
-            if float(tf.reduce_max(logs.pop(_OUT_OF_RANGE_KEY))) > 0:
-                raise KddpmError(_OUT_OF_RANGE)
-            if float(tf.reduce_max(logs.pop(_BAD_LABELS_KEY))) > 0:
-                raise KddpmError(self._bad_labels_message())
+            self._steps_run += 1
+            flags = tf.stack([tf.reduce_max(logs.pop(_OUT_OF_RANGE_KEY)), tf.reduce_max(logs.pop(_BAD_LABELS_KEY))])
+            self._pending_data_checks.append(flags)
+            if len(self._pending_data_checks) >= DATA_CHECK_EVERY:
+                self.check_training_data()
             return logs
 
         self.train_function = checked
         return checked
+
+    def check_training_data(self) -> None:
+        """Reads the data flags of the steps run since the last check (one host read); raises
+        KddpmError naming the first step that saw images outside [-1, 1] or bad labels."""
+        pending, self._pending_data_checks = self._pending_data_checks, []
+        if not pending:
+            return
+        flags = tf.stack(pending).numpy()
+        bad = np.flatnonzero(flags.max(axis=1) > 0)
+        if bad.size:
+            first = int(bad[0])
+            step = getattr(self, "_steps_run", len(pending)) - len(pending) + first + 1
+            message = _OUT_OF_RANGE if flags[first, 0] > 0 else _labels.bad_training_labels_message(self.num_classes)
+            raise KddpmError(f"{message} (first at step {step} of this fit; that step's update was skipped)")
+
+    def get_metrics_result(self):
+        # Keras asks for the epoch's metrics at every epoch's end: the pending data checks are read first.
+        self.check_training_data()
+        return super().get_metrics_result()
 
     def test_step(self, data):
         """L_simple on validation data, with noise that depends only on the batch's content."""
@@ -379,205 +394,6 @@ class DiffusionModel(keras.Model):
         """Copies the current weights into the EMA network."""
         self.ema_denoiser.set_weights(self.denoiser.get_weights())
 
-    # --- Sampling --------------------------------------------------------------------------
-
-    def sample(
-        self,
-        num_images: int | None = None,
-        seed: int = 0,
-        sampler: str = DEFAULT_SAMPLER,
-        steps: int | None = None,
-        eta: float | None = None,
-        variance: str | None = None,
-        clip_x0: bool | str | None = None,
-        use_ema: bool = True,
-        batch_size: int | None = None,
-        progress: bool = False,
-        jit_compile: bool | str = "auto",
-        x_T: np.ndarray | None = None,
-        precision: str | None = None,
-        labels: int | str | np.ndarray | list | None = None,
-        guidance_scale: float | None = None,
-    ) -> np.ndarray:
-        """Draws ``num_images`` images: [N, H, W, C] float32 numpy in [-1, 1].
-
-        sampler: 'dpm++2m' (the default: DPM-Solver++(2M), ``steps`` default 20, the best
-        images per network call), its stochastic variant 'dpm++2m_sde', 'ddim' (``steps``,
-        default 50, stochasticity ``eta``, default 0), or 'ddpm' (the paper's Algorithm 2, all
-        T steps; sigma^2 = ``variance``, 'beta_tilde' or 'beta', default the model's
-        ``variance``). An option that does not apply to the sampler is an error.
-        clip_x0: True (clip the predicted x0 to [-1, 1] at every step), False, or 'dynamic'
-        (dynamic thresholding); default: the model's ``clip_x0``. use_ema: sample with the EMA
-        weights (the default, as the paper does). batch_size: images per graph call (default:
-        all); image i of a seed is the same whatever the batch size. jit_compile: XLA on or
-        off, or "auto" (see ``Sampler``). x_T: explicit initial noise [N, H, W, C] float32 instead of
-        the seed's (the per-step noise still comes from the seed). precision: 'float32' or
-        'bfloat16' to run the network in that precision (weights unchanged); default: as the
-        model was built. The same seed gives the same images.
-
-        Class-conditional models: labels, one class (index or name) for every image or [N] of
-        them, in [0, K) (K, the null label, asks for an unconditional image); None: all
-        unconditional. guidance_scale: w >= 0 of classifier-free guidance, eps = (1 + w)
-        eps(x_t, t, c) - w eps(x_t, t, null), one network call on the doubled batch per step
-        (default with labels: ``kddpm.defaults.DEFAULT_GUIDANCE``); 0: plain conditional
-        sampling, one call on the batch itself.
-        """
-        plan = self.plan(sampler, steps, eta, variance, clip_x0)
-        if x_T is not None:
-            x_T = np.asarray(x_T, np.float32)
-            if x_T.ndim != 4 or x_T.shape[1:] != self.image_shape or len(x_T) == 0:
-                raise KddpmError(
-                    f"x_T has shape {x_T.shape}; expected [N, {', '.join(map(str, self.image_shape))}] with N >= 1."
-                )
-            if num_images not in (None, len(x_T)):
-                raise KddpmError(f"num_images={num_images} but x_T holds {len(x_T)} images; give one or the other.")
-            num_images = len(x_T)
-        _check_count("num_images", num_images)
-        if batch_size is not None:
-            _check_count("batch_size", batch_size, " (or None for all at once)")
-        labels, guidance_scale = self.label_array(labels, num_images, guidance_scale)
-        runner = self._get_sampler(use_ema, jit_compile, precision)
-        batch_size = batch_size or num_images
-        batches = []
-        for start in range(0, num_images, batch_size):
-            count = min(batch_size, num_images - start)
-            initial = None if x_T is None else x_T[start : start + count]
-            images = runner.sample(
-                plan,
-                count,
-                seed=seed,
-                x_T=initial,
-                progress=progress,
-                first_image=start,
-                labels=None if labels is None else labels[start : start + count],
-                guidance_scale=guidance_scale,
-            )
-            batches.append(np.clip(images.numpy(), -1.0, 1.0))
-        return np.concatenate(batches, axis=0)
-
-    def class_index(self, name_or_index: int | str) -> int:
-        """The class index of a class name or index (a string of digits counts as an index)."""
-        if self.num_classes is None:
-            raise KddpmError("This model is unconditional; it has no classes to ask for.")
-        if isinstance(name_or_index, str) and not name_or_index.strip().isdigit():
-            names = self.class_names or []
-            folded = {name.lower(): i for i, name in enumerate(names)}
-            if name_or_index.lower() not in folded:
-                known = ", ".join(names) if names else f"indices 0..{self.num_classes - 1} (the model has no names)"
-                raise KddpmError(f"Unknown class {name_or_index!r}; this model's classes are {known}.")
-            return folded[name_or_index.lower()]
-        index = int(name_or_index)
-        if not 0 <= index <= self.num_classes:
-            raise KddpmError(
-                f"Class {index} is outside [0, {self.num_classes - 1}] ({self.num_classes} is the null label)."
-            )
-        return index
-
-    def label_array(
-        self, labels: int | str | np.ndarray | list | None, num_images: int, guidance_scale: float | None = None
-    ) -> tuple[np.ndarray | None, float]:
-        """(``labels`` as [num_images] int32 class indices, the guidance scale w), both checked.
-
-        labels None stays None (w then 0); w None is ``DEFAULT_GUIDANCE`` with labels.
-        """
-        if guidance_scale is None:
-            guidance_scale = DEFAULT_GUIDANCE if labels is not None and self.num_classes is not None else 0.0
-        if not (isinstance(guidance_scale, (int, float, np.number)) and math.isfinite(guidance_scale)):
-            raise KddpmError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}.")
-        if guidance_scale < 0:
-            raise KddpmError(f"guidance_scale must be >= 0, got {guidance_scale}.")
-        if self.num_classes is None:
-            if labels is not None or guidance_scale:
-                raise KddpmError(
-                    "labels and guidance_scale need a class-conditional model; train one with "
-                    "num_classes (kddpm train --conditional)."
-                )
-            return None, 0.0
-        w = float(guidance_scale)
-        if labels is None:
-            if w:
-                raise KddpmError("guidance_scale needs labels: guidance moves each image towards its class.")
-            return None, 0.0
-        if isinstance(labels, (int, np.integer, str)):
-            return np.full([num_images], self.class_index(labels), np.int32), w
-        values = [self.class_index(label) for label in np.asarray(labels).reshape(-1).tolist()]
-        if len(values) != num_images:
-            raise KddpmError(f"labels holds {len(values)} classes for {num_images} images; give one per image.")
-        return np.asarray(values, np.int32), w
-
-    def trajectory(
-        self,
-        num_images: int = 4,
-        seed: int = 0,
-        sampler: str = DEFAULT_SAMPLER,
-        steps: int | None = None,
-        eta: float | None = None,
-        variance: str | None = None,
-        clip_x0: bool | str | None = None,
-        snapshots: int = 10,
-        labels: int | str | np.ndarray | list | None = None,
-        guidance_scale: float | None = None,
-    ) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """x_t and the predicted x0 at ``snapshots`` points of the reverse process, from the EMA
-        weights (see ``Sampler.trajectory``; the options and defaults are ``sample``'s)."""
-        plan = self.plan(sampler, steps, eta, variance, clip_x0)
-        _check_count("num_images", num_images)
-        labels, guidance_scale = self.label_array(labels, num_images, guidance_scale)
-        return self._get_sampler(True, "auto").trajectory(plan, num_images, seed, snapshots, labels, guidance_scale)
-
-    def plan(
-        self,
-        sampler: str = DEFAULT_SAMPLER,
-        steps: int | None = None,
-        eta: float | None = None,
-        variance: str | None = None,
-        clip_x0: bool | str | None = None,
-    ) -> SamplingPlan:
-        """``make_plan`` with this model's schedule, its default variance (DDPM) and clip_x0."""
-        if variance is None and sampler == "ddpm":
-            variance = self.variance
-        return make_plan(self.schedule, sampler, steps, eta, variance, self.clip_x0 if clip_x0 is None else clip_x0)
-
-    def _get_sampler(self, use_ema: bool, jit_compile: bool | str, precision: str | None = None) -> Sampler:
-        network = self.ema_denoiser if use_ema else self.denoiser
-        key = (use_ema, jit_compile, precision)
-        if self._sampler is None or self._sampler_key != key:
-            copy = network if precision is None else network_with_precision(network, precision)
-            self._sampler = Sampler(copy, self.image_shape, jit_compile=jit_compile, num_classes=self.num_classes)
-            self._sampler_key = key
-        elif self._sampler.network is not network:
-            # A copy in another precision: bring it the weights trained since it was made.
-            self._sampler.network.set_weights(network.get_weights())
-        return self._sampler
-
-
-def _check_count(name: str, value, alternative: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise KddpmError(f"{name} must be a positive integer{alternative}, got {value!r}.")
-
-
-def network_with_precision(network: keras.Model, precision: str) -> keras.Model:
-    """``network`` computing in ``precision`` ('float32' or 'bfloat16'), with the same float32 weights.
-
-    The network is returned as it is when it already computes so; otherwise a copy whose layers
-    take the mixed policy ('mixed_bfloat16') or 'float32'. Output layers stay float32, as the
-    U-Net builds them, so that eps and the sampler's arithmetic are float32 either way.
-    """
-    policy = {"float32": "float32", "bfloat16": "mixed_bfloat16"}.get(precision)
-    if policy is None:
-        raise KddpmError(f"Unknown sampling precision {precision!r}; use 'float32' or 'bfloat16'.")
-    outputs = {tensor._keras_history.operation.name for tensor in network.outputs}
-    wanted = {layer.name: "float32" if layer.name in outputs else policy for layer in network.layers}
-    if all(layer.dtype_policy.name == wanted[layer.name] for layer in network.layers if layer.weights):
-        return network
-
-    def with_policy(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": wanted[layer.name]})
-
-    copy = keras.models.clone_model(network, clone_function=with_policy)
-    copy.set_weights(network.get_weights())
-    return copy
-
 
 def _reportable(loss: tf.Tensor) -> tf.Tensor:
     """The loss in the shape Keras can average over replicas.
@@ -611,101 +427,3 @@ def _image_shape_of(denoiser: keras.Model, image_shape) -> tuple[int, int, int]:
     if len(image_shape) != 3 or not all(isinstance(d, int) and d > 0 for d in image_shape):
         raise KddpmError(f"image_shape must be (H, W, C) with known sizes, got {image_shape}.")
     return image_shape
-
-
-def _num_classes_of(denoiser: keras.Model, num_classes: int | None) -> int | None:
-    """K of a conditional denoiser (its ``label`` input and ``class_embedding``), checked against ``num_classes``."""
-    names = [getattr(tensor, "name", "") for tensor in getattr(denoiser, "inputs", None) or []]
-    conditional = any(name.startswith("label") for name in names)
-    found = None
-    if conditional:
-        try:
-            found = int(denoiser.get_layer("class_embedding").input_dim) - 1
-        except ValueError:
-            found = None
-    if num_classes is None:
-        if conditional and found is None:
-            raise KddpmError("The denoiser takes a label input; pass num_classes=K (its null label is K).")
-        return found
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise KddpmError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    if names and not conditional:
-        raise KddpmError(
-            f"num_classes={num_classes} but the denoiser has no label input; build it with "
-            f"build_unet(..., num_classes={num_classes})."
-        )
-    if found is not None and found != num_classes:
-        raise KddpmError(f"num_classes={num_classes} but the denoiser's class embedding holds {found} classes.")
-    return int(num_classes)
-
-
-def _checked_class_names(class_names, num_classes: int | None) -> list[str] | None:
-    if class_names is None:
-        return None
-    names = [str(name) for name in class_names]
-    if num_classes is None or len(names) != num_classes:
-        raise KddpmError(f"class_names has {len(names)} names for a model with {num_classes} classes.")
-    if len(set(names)) != len(names):
-        raise KddpmError(f"class_names must be distinct, got {names}.")
-    return names
-
-
-def _copy_network(
-    network: keras.Model, image_shape: tuple[int, int, int], num_classes: int | None = None
-) -> keras.Model:
-    """A new network of the same architecture holding a copy of ``network``'s weights."""
-    try:
-        copy = keras.models.clone_model(network)
-    except Exception as error:  # clone_model raises many types for unserialisable models
-        raise KddpmError(
-            f"Cannot copy the denoiser for its EMA weights ({error}); give the model a get_config()."
-        ) from error
-    if not copy.built or len(copy.weights) != len(network.weights):
-        batch = 1
-        labels = [] if num_classes is None else [tf.zeros((batch,), tf.int32)]
-        copy([tf.zeros((batch, *image_shape)), tf.zeros((batch,), tf.int32), *labels])
-    copy.set_weights(network.get_weights())
-    return copy
-
-
-def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
-    """Loads a ``.keras`` file saved from a DiffusionModel, or ``RUN/model.keras`` for a run folder.
-
-    Raises KddpmError naming the file when it is missing, unreadable or not a DiffusionModel.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise KddpmError(f"No model at {path}; give a run folder holding model.keras or a .keras file.")
-    _check_keras_archive(path)
-    try:
-        model = keras.models.load_model(path)
-    except Exception as error:  # Keras raises many types for damaged archives
-        raise KddpmError(
-            f"Cannot read {path} ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}); "
-            "the file is corrupt, truncated or not a Keras model: restore it from the run's checkpoints/ or retrain."
-        ) from error
-    if not isinstance(model, DiffusionModel):
-        raise KddpmError(f"{path} holds a {type(model).__name__}, not a kddpm DiffusionModel.")
-    return model
-
-
-def _check_keras_archive(path: Path) -> None:
-    """A ``.keras`` file is a zip archive: name truncation or damage before Keras reads it."""
-    restore = "restore it from the run's checkpoints/ or backup, or retrain"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-            names = set(archive.namelist())
-    except zipfile.BadZipFile:
-        raise KddpmError(
-            f"{path} is truncated or not a zip archive (a .keras file is one), so it is not a saved Keras model; "
-            f"{restore}."
-        ) from None
-    except (OSError, EOFError, zlib.error) as error:
-        raise KddpmError(f"{path} is damaged ({error}); {restore}.") from None
-    if damaged is not None:
-        raise KddpmError(f"{path} is damaged: its member {damaged} fails its checksum; {restore}.")
-    if "config.json" not in names:
-        raise KddpmError(f"{path} is a zip archive without config.json, not a saved Keras model; {restore}.")

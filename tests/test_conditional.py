@@ -7,6 +7,7 @@ import tensorflow as tf
 from conftest import tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule, build_unet
+from kddpm.labels import drop_labels
 from kddpm.sampling import Sampler, ddim_plan, ddpm_plan
 from kddpm.streams import seed_pair
 
@@ -137,11 +138,11 @@ def test_label_dropout_rate_and_keys():
     model = conditional_model(label_dropout=0.25)
     labels = tf.zeros([20000], tf.int32)
     key = tf.constant([7, 3], tf.int64)
-    dropped = model._drop_labels(labels, key, tf.constant(0)).numpy()
+    dropped = drop_labels(labels, model.label_dropout, model.num_classes, key, tf.constant(0)).numpy()
     assert set(np.unique(dropped)) == {0, 3}
     assert abs(np.mean(dropped == 3) - 0.25) < 0.01
     # Example i's draw depends on its place in the global batch, not on how the batch is split.
-    second_half = model._drop_labels(labels[:10000], key, tf.constant(10000)).numpy()
+    second_half = drop_labels(labels[:10000], 0.25, 3, key, tf.constant(10000)).numpy()
     np.testing.assert_array_equal(second_half, dropped[10000:])
 
 

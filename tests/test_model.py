@@ -154,6 +154,21 @@ def test_out_of_range_data_is_refused_with_and_without_xla_and_changes_nothing(j
     assert set(history.history) == {"loss"} and int(model.optimizer.iterations.numpy()) == 2
 
 
+def test_bad_data_is_named_without_a_host_read_after_every_step():
+    """The data flags stay on the device and are read once at the epoch's end (or every
+    DATA_CHECK_EVERY steps): the steps after a bad batch run, the bad batch applies nothing,
+    and the error names the step where it happened."""
+    model = make_model()
+    model.compile(optimizer=make_optimizer(1e-3))
+    batches = [images(4, seed=k) for k in range(6)]
+    batches[2] = np.full((4, 8, 8, 1), 255.0, np.float32)  # the third step's batch was never scaled
+    data = tf.data.Dataset.from_tensor_slices(np.concatenate(batches)).batch(4)
+    with pytest.raises(KddpmError, match=r"outside \[-1, 1\].*first at step 3 of this fit"):
+        model.fit(data, epochs=1, verbose=0)
+    # Steps 4 to 6 ran before the flags were read; step 3 applied no update.
+    assert int(model.optimizer.iterations.numpy()) == 5 and int(model.batches_seen.numpy()) == 5
+
+
 def test_timesteps_outside_the_schedule_are_refused_where_users_pass_them():
     model = make_model()
     x = images(2)

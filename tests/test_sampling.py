@@ -290,7 +290,7 @@ def test_explicit_initial_noise(network, schedule):
 
 
 def test_sampling_in_bfloat16_uses_a_bfloat16_copy_with_current_weights(network, schedule):
-    from kddpm.model import network_with_precision
+    from kddpm.networks import network_with_precision
 
     model = DiffusionModel(network, schedule)
     copy = network_with_precision(model.ema_denoiser, "bfloat16")

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.model:
         raise KddpmError("--to-diffusers needs --model RUN_OR_FILE (a run folder or .keras file).")
     from kddpm.interop import to_diffusers
-    from kddpm.model import load_diffusion_model
+    from kddpm.loading import load_diffusion_model
 
     model = load_diffusion_model(args.model)
     _describe(model)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import kddpm
     from kddpm.errors import KddpmError
     from kddpm.evaluation import evaluate, format_table, parse_metrics
-    from kddpm.model import load_diffusion_model
+    from kddpm.loading import load_diffusion_model
 
     positive(args, "num_samples", "steps", "bpd_images", "batch_size")
     metrics = parse_metrics(args.metrics)

@@ -66,7 +66,7 @@ def add_parser(verbs, common) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kddpm.errors import KddpmError
-    from kddpm.model import load_diffusion_model
+    from kddpm.loading import load_diffusion_model
     from kddpm.training import write_grid
 
     positive(args, "num", "steps", "batch_size", "grid_scale", "per_class")
