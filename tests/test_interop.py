@@ -319,3 +319,18 @@ def test_convert_command_both_ways(tmp_path):
     ]
     bad = kddpm("convert", "--from-diffusers", tmp_path, "--out", tmp_path / "x.keras")
     assert bad.returncode == 2 and "is not a diffusers model" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_dynamic_thresholding_maps_to_diffusers_and_back():
+    from kddpm.interop import diffusers_scheduler_config
+
+    model = DiffusionModel(tiny_unet((8, 8, 1)), NoiseSchedule.linear(1000), clip_x0="dynamic")
+    config = diffusers_scheduler_config(model)
+    assert config["thresholding"] and not config["clip_sample"] and config["dynamic_thresholding_ratio"] == 0.995
+    assert schedule_from_config(config)[2] == "dynamic"
+    # diffusers clamps s to [1, sample_max_value]: 1 is plain clipping, other caps kddpm does not have.
+    assert schedule_from_config({**config, "sample_max_value": 1.0})[2] is True
+    with pytest.raises(KddpmError, match=r"sample_max_value = 1\.5 caps the dynamic threshold"):
+        schedule_from_config({**config, "sample_max_value": 1.5})
+    with pytest.raises(KddpmError, match=r"dynamic_thresholding_ratio = 0\.9"):
+        schedule_from_config({**config, "dynamic_thresholding_ratio": 0.9})
