@@ -47,16 +47,17 @@ def raw_eps_ddim(plan):
     return dataclasses.replace(plan, coef_x0=np.sqrt(abar_prev), coef_xt=np.zeros_like(abar), coef_eps=direction)
 
 
-def draw(model, setting, steps, labels, w, batch_size):
+def draw(model, setting, steps, count, labels, w, batch_size):
+    """``count`` images of ``setting``; labels None: the null label (unconditional)."""
     sampler, mode = setting.split(":")
     if mode != "raw-eps":
         return model.sample(
-            len(labels), seed=0, sampler=sampler, steps=steps, clip_x0=CLIP_MODES[mode], labels=labels,
-            guidance_scale=w, batch_size=batch_size,
+            count, seed=0, sampler=sampler, steps=steps, clip_x0=CLIP_MODES[mode], labels=labels,
+            guidance_scale=w if labels is not None else None, batch_size=batch_size,
         )  # fmt: skip
     plan = raw_eps_ddim(model.plan("ddim", steps, clip_x0=True))
     runner = Sampler(model.ema_denoiser, model.image_shape, num_classes=model.num_classes)
-    labels = np.full(len(labels), model.num_classes, np.int32) if labels is None else labels
+    labels = np.full(count, model.num_classes, np.int32) if labels is None else labels
     batches = [
         runner.sample(plan, len(labels[i : i + batch_size]), seed=0, first_image=i, labels=labels[i : i + batch_size],
                       guidance_scale=w).numpy()
@@ -93,7 +94,7 @@ def main() -> None:
 
     runs = [(settings[0], None, 0.0)] + [(setting, labels, w) for w in scales for setting in settings]
     for setting, asked, w in runs:
-        pixels = to_uint8(draw(model, setting, args.steps, asked, w, args.batch_size))
+        pixels = to_uint8(draw(model, setting, args.steps, len(labels), asked, w, args.batch_size))
         predicted = np.argmax(classifier.predict(pixels.astype(np.float32), batch_size=500, verbose=0), axis=1)
         row = {
             "setting": setting,

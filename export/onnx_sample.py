@@ -18,11 +18,12 @@ import json
 import math
 import struct
 import sys
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
-from grid import image_grid  # kddpm/grid.py, the grid every kddpm tool writes
+from grid import image_grid  # a copy of kddpm/grid.py (a test keeps them identical): every kddpm grid alike
 
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
 # kddpm's defaults (kddpm/defaults.py; a test keeps them equal).
@@ -189,6 +190,7 @@ def sample(
     noise: np.ndarray | None = None,
     labels: np.ndarray | None = None,
     guidance_scale: float = 0.0,
+    progress: bool = False,
 ) -> np.ndarray:
     """Runs the reverse process with the ONNX denoiser; returns x_0 [B, H, W, C] float32.
 
@@ -197,6 +199,7 @@ def sample(
     the model's own settings (its metadata). Class-conditional models: labels [B] in [0, K]
     (K: unconditional; default all K) and classifier-free guidance w = guidance_scale:
     eps = (1 + w) eps(x_t, t, c) - w eps(x_t, t, K), one session run on the doubled batch.
+    progress: count the steps on stderr.
     """
     metadata = read_metadata(session)
     variance = metadata["variance"] if variance is None else variance
@@ -216,6 +219,7 @@ def sample(
         )
     eps_of = _eps_function(session, metadata, labels, guidance_scale, len(x))
     x0_before = np.zeros_like(x)
+    bar = Progress(len(taus)) if progress else None
     for k, t in enumerate(taus):
         eps = eps_of(x.astype(np.float32), np.full(len(x), t, dtype=np.int32))
         x0_hat = threshold((x - math.sqrt(1.0 - abar[t]) * eps) / math.sqrt(abar[t]), clip_x0)
@@ -228,7 +232,27 @@ def sample(
             + sigma[k] * z
         )
         x0_before = x0_hat
+        if bar:
+            bar.update(k + 1)
     return x.astype(np.float32)
+
+
+class Progress:
+    """A step counter on stderr: redrawn in place on a terminal, a line at each tenth otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.shown = total, time.perf_counter(), -1
+
+    def update(self, done: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        text = f"step {done}/{self.total}, {elapsed:.0f} s"
+        if sys.stderr.isatty():
+            filled = round(30 * done / self.total)
+            print(f"\r[{'=' * filled}{' ' * (30 - filled)}] {text}", end="\n" if done == self.total else "",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        elif done * 10 // self.total > self.shown:
+            self.shown = done * 10 // self.total
+            print(text, file=sys.stderr, flush=True)
 
 
 def _eps_function(session, metadata: dict, labels, guidance_scale: float, batch: int):
@@ -305,6 +329,13 @@ def open_session(model: str | Path):
     model = Path(model)
     if not model.is_file():
         raise KddpmOnnxError(f"No ONNX file at {model}; export one with `kddpm export --format onnx`.")
+    with open(model, "rb") as file:
+        head = file.read(4)
+    if head.startswith(b"PK"):  # a zip archive: a .keras model, not an exported network
+        raise KddpmOnnxError(
+            f"{model} is a .keras model (a zip archive), not an ONNX file; export it first with "
+            f"`kddpm export --model {model} --format onnx` and give the .onnx file."
+        )
     try:
         return onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types for unreadable files
@@ -357,7 +388,7 @@ def class_rows(indices: list[int], num: int) -> tuple[np.ndarray, int | None]:
     return np.repeat(np.asarray(indices, np.int32), per_row), per_row
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample a PNG grid from a kddpm ONNX denoiser (numpy + onnxruntime).")
     parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
     parser.add_argument("--num", type=int, default=16, help="number of images (default 16)")
@@ -373,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.grid_scale is not None and args.grid_scale < 1:
@@ -394,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             labels=labels,
             guidance_scale=guidance,
+            progress=True,
         )
         path = write_png(args.out, image_grid(to_uint8(images), columns=columns, scale=args.grid_scale))
     except KddpmOnnxError as error:

@@ -83,7 +83,7 @@ def _post(url: str, model: str, body: dict, timeout: float) -> dict:
     return answer
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample images from a kddpm model served by TF Serving.")
     parser.add_argument("--url", default="http://localhost:8501", help="the server's REST address")
     parser.add_argument("--model", default="kddpm", help="model name in models.config")
@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     labels, columns, guidance = None, None, 0.0
     if args.classes:

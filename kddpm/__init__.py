@@ -3,7 +3,11 @@
 Public names: ``NoiseSchedule``, ``build_unet``, ``DiffusionModel``, ``load_diffusion_model``,
 ``load_dataset``, ``load_fashion_mnist``, ``PRESETS``, ``KddpmError``. Importing the package
 registers every Keras class a kddpm model is saved with, so ``keras.models.load_model`` reads
-a saved model after ``import kddpm`` alone.
+a saved model after ``import kddpm`` alone. TensorFlow's start-up log lines are hidden while it
+loads (set ``TF_CPP_MIN_LOG_LEVEL`` yourself to see them).
+
+The ``kddpm`` command imports the package without TensorFlow, so that ``kddpm --help`` answers
+at once; each verb loads what it needs.
 """
 
 import os
@@ -12,19 +16,9 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from kddpm import _startup
-
-if _startup.invoked_as_command_line() and not _startup.verbose_requested():
-    _startup.quiet_tensorflow_import()
-
-from kddpm.data import load_dataset, load_fashion_mnist
 from kddpm.errors import KddpmError
-from kddpm.loading import load_diffusion_model
-from kddpm.model import DiffusionModel
-from kddpm.presets import PRESETS
-from kddpm.schedule import NoiseSchedule
-from kddpm.unet import build_unet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "PRESETS",
     "DiffusionModel",
@@ -35,3 +29,31 @@ __all__ = [
     "load_diffusion_model",
     "load_fashion_mnist",
 ]
+# Where each public name lives (the command line imports them on first use).
+_HOMES = {
+    "PRESETS": "kddpm.presets",
+    "DiffusionModel": "kddpm.model",
+    "NoiseSchedule": "kddpm.schedule",
+    "build_unet": "kddpm.unet",
+    "load_dataset": "kddpm.data",
+    "load_diffusion_model": "kddpm.loading",
+    "load_fashion_mnist": "kddpm.data",
+}
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'kddpm' has no attribute {name!r}")
+
+
+if not _startup.invoked_as_command_line():
+    _startup.quiet_tensorflow_import()
+    from kddpm.data import load_dataset, load_fashion_mnist
+    from kddpm.loading import load_diffusion_model
+    from kddpm.model import DiffusionModel
+    from kddpm.presets import PRESETS
+    from kddpm.schedule import NoiseSchedule
+    from kddpm.unet import build_unet

@@ -1,9 +1,9 @@
-"""What runs before TensorFlow loads: the command line's quiet start.
+"""What runs before TensorFlow loads: a quiet start for library users and the command line.
 
 ``import kddpm`` imports TensorFlow (the package registers its Keras classes at import, so
-that ``keras.models.load_model`` finds them). When the process is the ``kddpm`` command,
-TensorFlow's start-up lines are hidden here, before that import, unless ``--verbose`` is
-given; a library user's process is left as it is.
+that ``keras.models.load_model`` finds them), with its start-up lines hidden. The ``kddpm``
+command imports the package without TensorFlow (so that ``--help`` is instant) and loads it
+quietly before running a verb, unless ``--verbose`` is given.
 """
 
 from __future__ import annotations
@@ -26,10 +26,16 @@ def verbose_requested() -> bool:
     return "--verbose" in sys.argv[1:] or "--verbose" in getattr(sys, "orig_argv", [])
 
 
-def quiet_tensorflow_import() -> None:
-    """Imports TensorFlow with its C++ logs off and stderr hidden while it loads."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def quiet_tensorflow_import(level: str = "2") -> None:
+    """Imports TensorFlow with its C++ logs below ``level`` off (2: errors only, 3: none) and
+    stderr hidden while it loads. A TF_CPP_MIN_LOG_LEVEL the user set wins; below 2 nothing
+    is hidden."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", level)
     if "tensorflow" in sys.modules:
+        return
+    if os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("2", "3"):
+        import tensorflow
+
         return
     # Some native start-up lines ignore TF_CPP_MIN_LOG_LEVEL: hide stderr while TF loads.
     devnull, saved = os.open(os.devnull, os.O_WRONLY), os.dup(2)

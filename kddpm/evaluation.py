@@ -1,7 +1,8 @@
 """Evaluating a model: samples -> features -> FID, KID, precision/recall; real images -> bits/dim.
 
 ``evaluate`` is what ``kddpm evaluate`` and the training callback run. The maths is in
-``kddpm.metrics``, the feature networks and the cached real side in ``kddpm.features``.
+``kddpm.metrics``, the feature networks and the cached real side in ``kddpm.features`` (imported
+when ``evaluate`` runs, so that the command line checks its options without TensorFlow).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def evaluate(
     steps: int | None = None,
     clip_x0: bool | str | None = None,
     reference: str | None = None,
-    extractor: str | FeatureExtractor | None = None,
+    extractor=None,
     weights: str | None = None,
     batch_size: int | None = None,
     seed: int = 0,
@@ -88,6 +89,7 @@ def evaluate(
     'true') conditions bits/dim on the reference images' own labels, or on the null label.
     Unconditional models take none of the three.
     """
+
     started = time.perf_counter()
     log = log or (lambda line: None)
     clip_x0 = model.clip_x0 if clip_x0 is None else check_clip_x0(clip_x0)

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
+from kddpm.progress import progress_bar
 
 FASHION_MNIST_FEATURES = "fashion_mnist_features.keras"
 INCEPTION_WEIGHTS = "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -59,7 +60,7 @@ class FeatureExtractor:
                 f"Feature extraction takes uint8 images [N, H, W, 1 or 3], got {images.dtype} {images.shape}; "
                 "convert [-1, 1] floats with kddpm.sampling.to_uint8."
             )
-        bar = keras.utils.Progbar(len(images), unit_name="image") if progress else None
+        bar = progress_bar(len(images), unit_name="image") if progress else None
         features = []
         for start in range(0, len(images), batch_size):
             batch = self._fit_input(tf.constant(images[start : start + batch_size]))

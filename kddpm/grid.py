@@ -1,7 +1,8 @@
 """Sample grids a person can look at: tiles enlarged with nearest-neighbour, a thin gap between.
 
 numpy only, and importing nothing else from kddpm: the deployment clients in ``export/``
-(which run without TensorFlow) use this same file, so every grid kddpm writes looks alike.
+(which run without TensorFlow) carry an identical copy, ``export/grid.py`` (a test keeps the two
+the same), so every grid kddpm writes looks alike and ``cp -r export/`` is all a deployer needs.
 """
 
 from __future__ import annotations

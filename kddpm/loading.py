@@ -1,26 +1,61 @@
-"""Loading a saved DiffusionModel, with one-line errors that say what the file is and what to do."""
+"""Loading a saved DiffusionModel, with one-line errors that say what the file is and what to do.
+
+``model_file`` and ``model_config`` need no TensorFlow: the command line checks a model and
+reads its settings (shape, classes, T) before any slow work.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 import zlib
 from pathlib import Path
-
-import keras
+from typing import Any
 
 from kddpm.errors import KddpmError
-from kddpm.model import DiffusionModel
 
 _RESTORE = "restore it from the run's checkpoints/ or backup, or retrain"
 
 
-def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
+def load_diffusion_model(path: str | os.PathLike):
     """Loads a ``.keras`` file saved from a DiffusionModel, or ``RUN/model.keras`` for a run folder.
 
     Raises KddpmError naming the file when it is missing, of another kind (an ONNX file, a
     SavedModel, a weights file), unreadable, or not a DiffusionModel.
     """
+    import keras
+
+    from kddpm.model import DiffusionModel
+
+    path = model_file(path)
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:  # Keras raises many types for damaged archives
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        raise KddpmError(
+            f"Cannot read {path} ({type(error).__name__}: {reason}); the file is corrupt, truncated or not a Keras "
+            "model: restore it from the run's checkpoints/ or retrain."
+        ) from error
+    if not isinstance(model, DiffusionModel):
+        raise KddpmError(f"{path} holds a {type(model).__name__}, not a kddpm DiffusionModel.")
+    return model
+
+
+def model_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The saved DiffusionModel's own config (schedule, image_shape, num_classes, class_names,
+    clip_x0, ...), read from the archive's config.json without building anything."""
+    path = model_file(path)
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    if config.get("class_name") != "DiffusionModel":
+        raise KddpmError(f"{path} holds a {config.get('class_name')}, not a kddpm DiffusionModel.")
+    return config["config"]
+
+
+def model_file(path: str | os.PathLike) -> Path:
+    """The ``.keras`` file a model path names (``RUN/model.keras`` for a run folder), checked
+    to exist, to be a ``.keras`` archive rather than a file of another kind, and to be intact."""
     path = Path(path)
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
@@ -33,17 +68,7 @@ def load_diffusion_model(path: str | os.PathLike) -> DiffusionModel:
         raise KddpmError(f"No model at {path}; give a run folder holding model.keras or a .keras file.")
     _check_kind(path)
     _check_keras_archive(path)
-    try:
-        model = keras.models.load_model(path)
-    except Exception as error:  # Keras raises many types for damaged archives
-        reason = str(error).splitlines()[0][:200] if str(error) else ""
-        raise KddpmError(
-            f"Cannot read {path} ({type(error).__name__}: {reason}); the file is corrupt, truncated or not a Keras "
-            "model: restore it from the run's checkpoints/ or retrain."
-        ) from error
-    if not isinstance(model, DiffusionModel):
-        raise KddpmError(f"{path} holds a {type(model).__name__}, not a kddpm DiffusionModel.")
-    return model
+    return path
 
 
 def _check_kind(path: Path) -> None:

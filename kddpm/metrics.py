@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
+from kddpm.progress import progress_bar
 from kddpm.streams import example_normals, fold_in, seed_pair
 
 # --- FID ---------------------------------------------------------------------------------------
@@ -234,9 +235,7 @@ def bits_per_dim(
     kl, decoder = np.empty(len(x0)), np.empty(len(x0))
     bar = None
     if progress:
-        import keras
-
-        bar = keras.utils.Progbar(len(x0), unit_name="image")
+        bar = progress_bar(len(x0), unit_name="image")
     for start in range(0, len(x0), batch_size):
         stop = min(start + batch_size, len(x0))
         condition = () if labels is None else (tf.constant(labels[start:stop]),)

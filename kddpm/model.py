@@ -168,11 +168,14 @@ class DiffusionModel(Generation, keras.Model):
             "num_classes": self.num_classes,
             "label_dropout": self.label_dropout,
             "class_names": self.class_names,
+            # Which kddpm wrote the file (kddpm info shows it; loading ignores it).
+            "kddpm_version": _kddpm_version(),
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DiffusionModel:
         config = dict(config)
+        config.pop("kddpm_version", None)
         config["denoiser"] = keras.saving.deserialize_keras_object(config["denoiser"])
         config["schedule"] = NoiseSchedule.from_config(config["schedule"])
         config["image_shape"] = tuple(config["image_shape"])
@@ -393,6 +396,12 @@ class DiffusionModel(Generation, keras.Model):
     def reset_ema(self) -> None:
         """Copies the current weights into the EMA network."""
         self.ema_denoiser.set_weights(self.denoiser.get_weights())
+
+
+def _kddpm_version() -> str:
+    import kddpm
+
+    return kddpm.__version__
 
 
 def _reportable(loss: tf.Tensor) -> tf.Tensor:

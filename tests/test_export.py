@@ -417,9 +417,8 @@ def fake_tensorflow(tmp_path: Path) -> dict[str, str]:
 
 def test_onnx_sampler_script_runs_without_tensorflow(exported, tmp_path):
     out = tmp_path / "grid.png"
-    # The folder as a deployer copies it, links followed (cp -rL), away from the repository.
-    shutil.copytree(REPO / "export", tmp_path / "deploy", symlinks=False)
-    assert not (tmp_path / "deploy" / "grid.py").is_symlink()
+    # The folder as a deployer copies it (plain cp -r), away from the repository.
+    subprocess.run(["cp", "-r", str(REPO / "export"), str(tmp_path / "deploy")], check=True)
     script = tmp_path / "deploy" / "onnx_sample.py"
     env = {**os.environ, **fake_tensorflow(tmp_path)}
     check = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True)
@@ -439,6 +438,11 @@ def test_onnx_sampler_script_runs_without_tensorflow(exported, tmp_path):
         [sys.executable, str(script), *args, "--out", str(out), "--grid-scale", "1"], env=env, capture_output=True
     )
     assert done.returncode == 0 and np.asarray(Image.open(out)).shape == (2 * 8 + 2, 3 * 8 + 4)
+    assert "step 4/4" in done.stderr.decode()  # the progress counter, a plain line in a log
+    keras_file = tmp_path / "model.keras"
+    keras_file.write_bytes(b"PK\x03\x04" + b"\0" * 60)
+    done = subprocess.run([sys.executable, str(script), "--model", str(keras_file)], env=env, capture_output=True)
+    assert done.returncode == 2 and "is a .keras model (a zip archive), not an ONNX file" in done.stderr.decode()
 
 
 def test_onnx_sampler_rejects_a_file_without_kddpm_metadata(exported, tmp_path):

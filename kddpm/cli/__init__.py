@@ -6,10 +6,10 @@ import argparse
 import sys
 import traceback
 
-from kddpm.cli import convert, evaluate, export, sample, train
+from kddpm.cli import convert, evaluate, export, info, sample, train
 from kddpm.cli.common import verbose_flag
 
-VERBS = (train, sample, evaluate, export, convert)
+VERBS = (train, sample, evaluate, export, convert, info)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,18 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     from kddpm import _startup
     from kddpm.errors import KddpmError
 
-    if not args.verbose:
-        _startup.quiet_python_logs()
-
     try:
+        # The verb's own checks need no TensorFlow: bad arguments are answered at once.
+        if getattr(args, "check", None):
+            args.check(args)
+        if not args.verbose:
+            _startup.quiet_tensorflow_import(level="3")
+            _startup.quiet_python_logs()
         return args.run(args) or 0
     except KddpmError as error:
         if args.verbose:
             traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nInterrupted; files written so far are kept.", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        hint = str(interrupt) or "files written so far are kept"
+        print(f"\nInterrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as error:  # the last line of defence: one sentence, not a traceback
         if args.verbose:
@@ -43,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kddpm import __version__
+
     parser = argparse.ArgumentParser(
-        prog="kddpm", description="Train, sample, evaluate and export DDPM models (Ho et al. 2020) with Keras."
+        prog="kddpm",
+        description="Train, sample, evaluate and export DDPM models (Ho et al. 2020) with Keras.",
+        epilog="Each command's --help lists its options and examples; the guide is README.md, the reference docs/.",
     )
+    parser.add_argument("--version", action="version", version=f"kddpm {__version__}")
     verbs = parser.add_subparsers(title="commands")
     common = verbose_flag()
     for verb in VERBS:

@@ -1,12 +1,66 @@
-"""What every verb of the command line shares: the --verbose flag, grid options, one-line errors."""
+"""What every verb of the command line shares: the --verbose flag, help layout, checks that run
+before any slow work (counts, output paths, option combinations), grid options, saving.
+
+Nothing here imports TensorFlow: ``kddpm VERB --help`` and every argument check answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
+import textwrap
 from pathlib import Path
 
+from kddpm.errors import KddpmError
+
 GRID_IMAGES = 64
+
+
+def add_verb(verbs, common, name: str, summary: str, description: str, examples: list[str]):
+    """A verb's parser: a one-line summary for ``kddpm --help``, a description, and an examples
+    section at the end of ``kddpm NAME --help``."""
+    paragraphs = [part if "\n  " in part else textwrap.fill(part, width=100) for part in description.split("\n\n")]
+    return verbs.add_parser(
+        name,
+        parents=[common],
+        help=summary,
+        description="\n\n".join(paragraphs),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def plural(count: int, word: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def writable_output(path: Path, flag: str = "--out") -> Path:
+    """``path``, after checking that a file can be written where it goes (its folder is made
+    if missing); a one-line error naming ``flag`` otherwise. Run before any slow work."""
+    folder = path if path.is_dir() else path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".kddpm-write-check-"):
+            pass
+    except OSError as error:
+        raise KddpmError(
+            f"{flag} {path}: cannot write to {folder} ({error.strerror or error}); choose another {flag}."
+        ) from None
+    return path
+
+
+def refuse_unused(args: argparse.Namespace, defaults: dict, reason: str) -> None:
+    """Refuses options given with a value other than their default when they would have no effect.
+
+    defaults: {dest: default} of the options concerned; reason: what they go with, naming the flag
+    that would make them count ("--steps-per-epoch goes with --steps").
+    """
+    given = [name for name, default in defaults.items() if getattr(args, name) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise KddpmError(f"{flags} would have no effect here: {reason}.")
 
 
 def verbose_flag() -> argparse.ArgumentParser:
@@ -17,8 +71,6 @@ def verbose_flag() -> argparse.ArgumentParser:
 
 def positive(args: argparse.Namespace, *names: str) -> None:
     """Refuses a count option below 1, naming the flag (0 never means "the default")."""
-    from kddpm.errors import KddpmError
-
     for name in names:
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -5,31 +5,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kddpm.cli.common import add_verb, writable_output
+from kddpm.errors import KddpmError
+
 
 def add_parser(verbs, common) -> None:
-    convert = verbs.add_parser(
+    convert = add_verb(
+        verbs,
+        common,
         "convert",
-        parents=[common],
-        help="convert a diffusers DDPM checkpoint to kddpm, or a kddpm model to diffusers",
-        description="--from-diffusers SRC --out FILE.keras reads a diffusers pipeline or model folder (e.g. a "
-        "download of google/ddpm-cifar10-32); --to-diffusers --model RUN_OR_FILE --out DIR writes a "
-        "DDPMPipeline folder (EMA weights, safetensors) that diffusers.DDPMPipeline.from_pretrained loads.",
+        "convert a diffusers DDPM checkpoint to kddpm, or a kddpm model to diffusers",
+        "--from-diffusers SRC --out FILE.keras reads a diffusers pipeline or model folder (e.g. a download of "
+        "google/ddpm-cifar10-32); --to-diffusers --model RUN_OR_FILE --out DIR writes a DDPMPipeline folder (EMA "
+        "weights, safetensors) that diffusers.DDPMPipeline.from_pretrained loads (docs/pretrained.md).",
+        [
+            "kddpm convert --from-diffusers ddpm-cifar10-32/ --out cifar10.keras",
+            "kddpm convert --to-diffusers --model runs/demo --out demo-diffusers/",
+        ],
     )
     direction = convert.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-diffusers", metavar="SRC", help="a diffusers pipeline or UNet2DModel folder")
-    direction.add_argument("--to-diffusers", action="store_true", help="write --model in the diffusers format")
-    convert.add_argument("--model", help="with --to-diffusers: a run folder or .keras file")
-    convert.add_argument("--out", required=True, help="FILE.keras (--from-diffusers) or a folder (--to-diffusers)")
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    convert.add_argument(
-        "--trained-weights", action="store_true", help="with --to-diffusers: the trained weights, not the EMA ones"
+    direction.add_argument(
+        "--from-diffusers",
+        metavar="SRC",
+        help="a diffusers pipeline or UNet2DModel folder (this or --to-diffusers is required)",
     )
-    convert.set_defaults(run=run)
+    direction.add_argument("--to-diffusers", action="store_true", help="write --model in the diffusers format")
+    convert.add_argument("--model", help="a run folder or .keras file (required with --to-diffusers)")
+    convert.add_argument("--out", required=True, help="FILE.keras (--from-diffusers) or a folder (--to-diffusers)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing --out (default: refuse)")
+    convert.add_argument(
+        "--trained-weights",
+        action="store_true",
+        help="with --to-diffusers: the trained weights, not the EMA ones (default: EMA)",
+    )
+    convert.set_defaults(run=run, check=check_arguments)
 
 
-def run(args: argparse.Namespace) -> int:
-    from kddpm.errors import KddpmError
-
+def check_arguments(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.from_diffusers:
         if args.model or args.trained_weights:
@@ -38,6 +50,14 @@ def run(args: argparse.Namespace) -> int:
             raise KddpmError(f"--out {out} must end in .keras (a kddpm model file).")
         if out.exists() and not args.overwrite:
             raise KddpmError(f"{out} already exists; choose another --out or pass --overwrite.")
+    elif not args.model:
+        raise KddpmError("--to-diffusers needs --model RUN_OR_FILE (a run folder or .keras file).")
+    writable_output(out if args.from_diffusers else out.parent / f".{out.name}-check")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.from_diffusers:
         from kddpm.cli.common import save_atomically
         from kddpm.interop import from_diffusers
 
@@ -48,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
         save_atomically(model, out)
         print(f"Converted: {out}")
         return 0
-    if not args.model:
-        raise KddpmError("--to-diffusers needs --model RUN_OR_FILE (a run folder or .keras file).")
     from kddpm.interop import to_diffusers
     from kddpm.loading import load_diffusion_model
 

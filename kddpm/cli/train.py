@@ -9,50 +9,76 @@ import tempfile
 import time
 from pathlib import Path
 
-from kddpm.cli.common import GRID_IMAGES, add_grid_scale, positive, save_atomically
+from kddpm.cli.common import (
+    GRID_IMAGES,
+    add_grid_scale,
+    add_verb,
+    plural,
+    positive,
+    refuse_unused,
+    save_atomically,
+    writable_output,
+)
 from kddpm.defaults import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS
+from kddpm.errors import KddpmError
+from kddpm.progress import fit_verbosity
+
+STEPS_PER_EPOCH = 200
 
 
 def add_parser(verbs, common) -> None:
     from kddpm.presets import PRESETS
 
     presets = "\n".join(f"  {p.name:8s} {p.description}" for p in PRESETS.values())
-    train = verbs.add_parser(
+    train = add_verb(
+        verbs,
+        common,
         "train",
-        parents=[common],
-        help="train a model",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"Train a DDPM with model.fit.\n\npresets:\n{presets}",
+        "train a model",
+        f"Train a DDPM with model.fit; a run folder gets the model, backups, checkpoints, TensorBoard logs and "
+        f"sample grids. Run the same command again to resume an interrupted run.\n\npresets:\n{presets}",
+        [
+            "kddpm train --preset tiny --out runs/try                 # a one-minute check",
+            "kddpm train --preset demo                                # the 15-minute CPU demo",
+            "kddpm train --data my_images/ --preset demo --steps 5000",
+            "kddpm train --preset demo --conditional --out runs/demo-conditional",
+        ],
     )
     train.add_argument(
         "--data", default="fashion_mnist", help="'fashion_mnist' (default, bundled), 'tfds:NAME' or a folder of images"
     )
-    train.add_argument("--data-dir", help="where Fashion-MNIST's IDX files or tensorflow-datasets data live")
+    train.add_argument(
+        "--data-dir",
+        help="where Fashion-MNIST's IDX files or tensorflow-datasets data live (default: the usual places, "
+        "docs/data.md)",
+    )
     train.add_argument(
         "--preset", default="demo", choices=sorted(PRESETS), help="model size and settings (default: demo)"
     )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: the preset's), rounded up to whole epochs")
-    length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps")
+    length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps (default: use --steps)")
     train.add_argument(
         "--steps-per-epoch",
         type=int,
-        default=200,
-        help="steps between backups and checkpoints with --steps (default 200)",
+        help=f"with --steps: steps between backups, checkpoints and grids (default {STEPS_PER_EPOCH})",
     )
     train.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
     train.add_argument("--seed", type=int, default=0, help="seed of weights, data order, noise and samples (default 0)")
     train.add_argument("--out", help="run folder (default: runs/PRESET)")
-    train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run in --out (default: refuse)")
     train.add_argument("--grid-every", type=int, default=5, help="write a sample grid every N epochs (default 5)")
     add_grid_scale(train)
     train.add_argument(
-        "--eval-every", type=int, help="FID and KID of EMA samples every N epochs, printed and in TensorBoard (off)"
+        "--eval-every",
+        type=int,
+        help="FID and KID of EMA samples every N epochs, printed and in TensorBoard (default: off)",
     )
-    train.add_argument("--eval-samples", type=int, default=1000, help="samples per evaluation (default 1000)")
+    train.add_argument("--eval-samples", type=int, help="with --eval-every: samples per evaluation (default 1000)")
     train.add_argument(
-        "--eval-reference", help="real images for --eval-every (default fashion_mnist:test for Fashion-MNIST shapes)"
+        "--eval-reference",
+        help="with --eval-every: real images (default fashion_mnist:test for Fashion-MNIST shapes)",
     )
     train.add_argument(
         "--conditional",
@@ -63,13 +89,13 @@ def add_parser(verbs, common) -> None:
     train.add_argument(
         "--label-dropout",
         type=float,
-        default=0.1,
-        help="--conditional: share of labels replaced by the null label, for classifier-free guidance (default 0.1)",
+        help="with --conditional: share of labels replaced by the null label, for classifier-free guidance "
+        "(default 0.1)",
     )
     train.add_argument(
         "--skip-bad-images",
         action="store_true",
-        help="folders of images: leave out files that cannot be decoded (counted) instead of stopping",
+        help="folders of images: leave out files that cannot be decoded (counted) instead of stopping (default: stop)",
     )
     train.add_argument(
         "--strategy",
@@ -88,22 +114,37 @@ def add_parser(verbs, common) -> None:
         "--jit",
         choices=["auto", "on", "off"],
         default="auto",
-        help="XLA-compile the train step; auto: Keras' choice (on for a single GPU, off on CPU)",
+        help="XLA-compile the train step; auto: Keras' choice, on for a single GPU, off on CPU (default auto)",
     )
     train.add_argument(
         "--deterministic",
         action="store_true",
         help="make GPU kernels deterministic (tf.config.experimental.enable_op_determinism; slower); "
-        "CPU runs are already repeatable",
+        "CPU runs are already repeatable (default: off)",
     )
-    train.set_defaults(run=run)
+    train.set_defaults(run=run, check=check_arguments)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no data, model or TensorFlow, before anything is loaded."""
+    positive(args, "steps", "epochs", "batch_size", "steps_per_epoch", "grid_every", "grid_scale")
+    positive(args, "eval_every", "eval_samples")
+    if args.epochs:
+        refuse_unused(
+            args, {"steps_per_epoch": None}, "with --epochs an epoch is one pass over the data; use --steps to set both"
+        )
+    if not args.eval_every:
+        refuse_unused(args, {"eval_samples": None, "eval_reference": None}, "they go with --eval-every N")
+    if not args.conditional:
+        refuse_unused(args, {"label_dropout": None}, "it goes with --conditional")
+    elif args.label_dropout is not None and not 0.0 <= args.label_dropout < 1.0:
+        raise KddpmError(f"--label-dropout must be in [0, 1), got {args.label_dropout}.")
 
 
 def run(args: argparse.Namespace) -> int:
     import keras
 
     from kddpm.data import image_source, load_dataset
-    from kddpm.errors import KddpmError
     from kddpm.presets import get_preset
     from kddpm.training import (
         EvaluateEvery,
@@ -123,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         write_grid,
     )
 
+    preset = get_preset(args.preset)
+    label_dropout = 0.1 if args.label_dropout is None else args.label_dropout
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before other TF work.
     strategy = make_strategy(args.strategy)
     if args.deterministic:
@@ -130,28 +173,18 @@ def run(args: argparse.Namespace) -> int:
 
         tf.config.experimental.enable_op_determinism()
     chief = is_chief(strategy)
-    preset = get_preset(args.preset)
     out = Path(args.out or f"runs/{preset.name}")
     model_path = out / "model.keras"
     backup_dir = out / "backup"
     if model_path.exists() and not args.overwrite:
         raise KddpmError(f"{out} already holds a trained model; choose another --out or pass --overwrite.")
+    if chief:
+        writable_output(out)  # a read-only --out fails now, not after the first epoch
     batch_size = args.batch_size or preset.batch_size
-    positive(
-        args,
-        "steps",
-        "epochs",
-        "batch_size",
-        "steps_per_epoch",
-        "grid_every",
-        "grid_scale",
-        "eval_every",
-        "eval_samples",
-    )
     if batch_size % strategy.num_replicas_in_sync:
         raise KddpmError(
             f"--batch-size {batch_size} is the global batch and must divide evenly over "
-            f"{strategy.num_replicas_in_sync} replicas."
+            f"{plural(strategy.num_replicas_in_sync, 'replica')}."
         )
     if args.overwrite and chief and model_path.exists():
         shutil.rmtree(backup_dir, ignore_errors=True)  # a finished run's backup must not be resumed
@@ -174,19 +207,15 @@ def run(args: argparse.Namespace) -> int:
                 f"--conditional needs labels and {args.data} has none; use a folder with one sub-folder of images "
                 "per class, Fashion-MNIST or a tfds dataset with a 'label' feature."
             )
-        if not 0.0 <= args.label_dropout < 1.0:
-            raise KddpmError(f"--label-dropout must be in [0, 1), got {args.label_dropout}.")
         class_names = source.class_names
-        print(f"Classes: {len(class_names)} ({', '.join(class_names)}); label dropout {args.label_dropout}")
-    elif args.label_dropout != 0.1:
-        raise KddpmError("--label-dropout goes with --conditional.")
+        print(f"Classes: {len(class_names)} ({', '.join(class_names)}); label dropout {label_dropout}")
     if args.epochs:
         if not source.size:
             raise KddpmError("The size of this dataset is unknown; give --steps instead of --epochs.")
         steps_per_epoch, epochs = max(1, source.size // batch_size), args.epochs
     else:
         steps = args.steps or preset.train_steps
-        steps_per_epoch = min(args.steps_per_epoch, steps)
+        steps_per_epoch = min(args.steps_per_epoch or STEPS_PER_EPOCH, steps)
         epochs = math.ceil(steps / steps_per_epoch)
     settings = {
         "preset": preset.name,
@@ -197,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         "precision": keras.mixed_precision.global_policy().name,
         "skip_bad_images": args.skip_bad_images,
         "conditional": args.conditional,
-        "label_dropout": args.label_dropout if args.conditional else None,
+        "label_dropout": label_dropout if args.conditional else None,
     }
     if state:
         _check_resume_settings(state.get("settings", {}), settings, backup_dir)
@@ -213,13 +242,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     with strategy.scope():
-        model = create_model(preset, seed=args.seed, class_names=class_names, label_dropout=args.label_dropout)
+        model = create_model(preset, seed=args.seed, class_names=class_names, label_dropout=label_dropout)
         jit = {"auto": "auto", "on": True, "off": False}[args.jit]
         model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps), jit_compile=jit)
     print(
         f"Model: preset {preset.name}, {model.denoiser.count_params():,} parameters; "
-        f"{epochs} epochs x {steps_per_epoch} steps of {batch_size} images; "
-        f"{strategy.num_replicas_in_sync} replica(s)"
+        f"{plural(epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} of {batch_size} images; "
+        f"{plural(strategy.num_replicas_in_sync, 'replica')}"
     )
     if state:
         print(f"Resuming from step {start_step} (epoch {state['epoch']}) of {backup_dir / 'latest.weights.h5'}")
@@ -246,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
     ]
     if args.eval_every and chief:
         # Before TensorBoard, which then writes the FID and KID it adds to the epoch's logs.
-        evaluation = EvaluateEvery(args.eval_every, args.eval_samples, reference=args.eval_reference, seed=args.seed)
+        evaluation = EvaluateEvery(
+            args.eval_every, args.eval_samples or 1000, reference=args.eval_reference, seed=args.seed
+        )
         callbacks.insert(3, evaluation)
     if chief:
         grids = SampleGrid(
@@ -262,7 +293,13 @@ def run(args: argparse.Namespace) -> int:
         callbacks.append(grids)
     started = time.time()
     try:
-        history = model.fit(data, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=1)
+        history = model.fit(
+            data, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, verbose=fit_verbosity()
+        )
+    except KeyboardInterrupt:
+        saved = read_backup_state(backup_dir)
+        where = f"from step {saved['step']} (the last epoch's backup)" if saved else "from the start"
+        raise KeyboardInterrupt(f"training resumes {where}: run the same command again.") from None
     except NonFiniteLossError as error:
         saved = read_backup_state(backup_dir)
         kept = f"the backup of step {saved['step']} is kept" if saved else "no backup had been written yet"
@@ -285,10 +322,9 @@ def run(args: argparse.Namespace) -> int:
     grid = write_grid(images, out / "samples" / "final.png", args.grid_scale, grid_columns, class_names)
     losses = history.history.get("loss") or [float("nan")]
     trained = epochs * steps_per_epoch - start_step
-    print(
-        f"Trained {trained} steps in {train_seconds / 60:.1f} min, final loss {losses[-1]:.4f}, "
-        f"{throughput.images_per_second():.1f} images/s"
-    )
+    speed = throughput.images_per_second()
+    rate = f", {speed:.1f} images/s" if math.isfinite(speed) else " (too few steps to measure images/s)"
+    print(f"Trained {plural(trained, 'step')} in {train_seconds / 60:.1f} min, final loss {losses[-1]:.4f}{rate}")
     print(f"Model: {model_path}  Samples: {grid}  Logs: {out / 'logs'}")
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from kddpm.errors import KddpmError
+from kddpm.progress import progress_bar
 from kddpm.sampling.plans import NUM_COEFFICIENTS, SamplingPlan, clip_prediction
 from kddpm.streams import example_normals, fold_in, seed_pair
 
@@ -120,7 +121,7 @@ class Sampler:
         x0_prev = tf.zeros_like(x)  # a multistep solver's history, carried across chunks
         if not progress:
             return loop(x, x0_prev, key, first, timesteps, coefficients, tf.constant(0), tf.constant(steps), *extra)[0]
-        bar = keras.utils.Progbar(steps, unit_name="step")
+        bar = progress_bar(steps, unit_name="step")
         bounds = np.unique(np.linspace(0, steps, min(chunks, steps) + 1).round().astype(np.int32))
         for start, stop in itertools.pairwise(bounds):
             x, x0_prev = loop(
