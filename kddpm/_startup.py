@@ -26,8 +26,8 @@ def verbose_requested() -> bool:
     return "--verbose" in sys.argv[1:] or "--verbose" in getattr(sys, "orig_argv", [])
 
 
-def quiet_tensorflow_import(level: str = "2") -> None:
-    """Imports TensorFlow with its C++ logs below ``level`` off (2: errors only, 3: none) and
+def quiet_tensorflow_import(level: str = "3") -> None:
+    """Imports TensorFlow with its C++ logs below ``level`` off (3: all, 2: all but errors) and
     stderr hidden while it loads. A TF_CPP_MIN_LOG_LEVEL the user set wins; below 2 nothing
     is hidden."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", level)

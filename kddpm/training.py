@@ -125,16 +125,18 @@ def create_model(
     schedule: NoiseSchedule | None = None,
     class_names: list[str] | None = None,
     label_dropout: float = 0.1,
+    image_shape: tuple[int, int, int] | None = None,
 ) -> DiffusionModel:
     """A new DiffusionModel with the preset's U-Net and EMA settings.
 
     The seed gives the initial weights, the training noise and the dropout masks: the same
     seed, the same run, without ``keras.utils.set_random_seed``. class_names: one name per
     class makes the model class-conditional (K = len(class_names)), trained with
-    ``label_dropout`` for classifier-free guidance.
+    ``label_dropout`` for classifier-free guidance. image_shape: (H, W, C) instead of the
+    preset's, with the preset's widths and depth (``Preset.unet_kwargs``).
     """
     num_classes = None if class_names is None else len(class_names)
-    denoiser = build_unet(**preset.unet_kwargs(), seed=seed, num_classes=num_classes)
+    denoiser = build_unet(**preset.unet_kwargs(image_shape), seed=seed, num_classes=num_classes)
     return DiffusionModel(
         denoiser,
         schedule or NoiseSchedule.linear(),

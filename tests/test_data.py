@@ -1,14 +1,17 @@
 """Data sources and the tf.data pipeline."""
 
+import dataclasses
 import gzip
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kddpm import KddpmError, load_dataset, load_fashion_mnist
-from kddpm.data import image_source, read_idx
+from kddpm.data import batch_records, image_source, read_idx
+from kddpm.data.sources import in_memory_source
 
 
 def test_bundled_fashion_mnist_test_split():
@@ -38,7 +41,7 @@ def test_train_split_is_found_in_a_given_folder(tmp_path):
 
 
 def test_train_split_falls_back_to_the_bundled_split(tmp_path, monkeypatch):
-    monkeypatch.setattr("kddpm.data.fashion_mnist_dirs", lambda data_dir=None: [tmp_path])
+    monkeypatch.setattr("kddpm.data.fashion_mnist.fashion_mnist_dirs", lambda data_dir=None: [tmp_path])
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
     images, _, description = load_fashion_mnist("train")
     assert len(images) == 10000 and "bundled" in description
@@ -76,8 +79,11 @@ def test_pipeline_scales_pads_and_batches():
 def test_image_shape_pads_fashion_mnist_and_refuses_other_channels():
     images, _ = next(iter(load_dataset(split="test", batch_size=4, image_shape=(32, 32, 1))))
     assert images.shape == (4, 32, 32, 1)
-    with pytest.raises(KddpmError, match="1-channel"):
+    with pytest.raises(KddpmError, match=r"grey \(1 channel\) images but the network expects 3.*--channels 3"):
         load_dataset(split="test", image_shape=(28, 28, 3))
+    # Asked for, grey becomes colour.
+    images, _ = next(iter(load_dataset(split="test", batch_size=2, image_shape=(28, 28, 3), channels=3)))
+    assert images.shape == (2, 28, 28, 3) and np.array_equal(images[..., 0], images[..., 2])
 
 
 def test_flips_are_seeded_and_shuffling_is_reproducible():
@@ -131,7 +137,7 @@ def test_folder_errors(tmp_path):
         image_source(str(tmp_path / "empty"))
     save_png(tmp_path / "mixed" / "gray.png", (8, 8, 1))
     save_png(tmp_path / "mixed" / "rgb.png", (8, 8, 3))
-    with pytest.raises(KddpmError, match="mixed channel counts"):
+    with pytest.raises(KddpmError, match=r"mix grey and colour .*gray\.png is grey.*rgb\.png is colour.*--channels 1"):
         load_dataset(str(tmp_path / "mixed"), image_size=8)
     # Asking for one channel count converts them instead.
     images, _ = next(iter(load_dataset(str(tmp_path / "mixed"), batch_size=2, image_size=8, channels=1)))
@@ -163,3 +169,65 @@ def test_undecodable_images_are_named_or_skipped_with_a_count(tmp_path):
     assert source.size == 4 and "2 undecodable files skipped" in source.description
     images, _ = next(iter(load_dataset(source, batch_size=4, shuffle=False)))
     np.testing.assert_allclose(np.sort(images.numpy()[:, 0, 0, 0]), (np.arange(4) * 60) / 127.5 - 1, atol=1e-6)
+
+
+def counting(source):
+    """``source`` with every record it reads appended to the returned list (no in-memory shortcut)."""
+    reads = []
+
+    def count(index):
+        reads.append(int(index))
+        return index
+
+    read = source.read
+    counted = dataclasses.replace(
+        source, read=lambda i: read(tf.numpy_function(count, [i], tf.int64, stateful=True)), arrays=None
+    )
+    return counted, reads
+
+
+def numbered_source(count=40):
+    """Images whose label is their record index (and whose pixels say it too)."""
+    images = np.arange(count, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), np.uint8)
+    return in_memory_source(images, np.arange(count), f"{count} numbered images")
+
+
+def test_every_epoch_is_a_new_permutation_of_all_images():
+    dataset = load_dataset(numbered_source(40), batch_size=8, repeat=True, seed=1)
+    batches = [labels.numpy() for _, labels in dataset.take(10)]  # two epochs of 5 batches
+    first, second = np.concatenate(batches[:5]), np.concatenate(batches[5:])
+    assert sorted(first) == list(range(40)) and sorted(second) == list(range(40))
+    assert not np.array_equal(first, second) and not np.array_equal(first, np.arange(40))
+    # The arithmetic batch_records gives is what the pipeline reads.
+    for step, labels in enumerate(batches):
+        np.testing.assert_array_equal(labels, batch_records(40, 8, step, seed=1))
+
+
+def test_resuming_at_a_batch_reads_nothing_before_it():
+    source, reads = counting(image_source("fashion_mnist", "test"))
+    dataset = load_dataset(
+        source, batch_size=16, image_shape=(28, 28, 1), repeat=True, seed=3, skip_batches=700, cache=False
+    )
+    images, labels = next(iter(dataset))
+    expected = batch_records(10_000, 16, 700, seed=3)
+    raw_images, raw_labels, _ = load_fashion_mnist("test")
+    np.testing.assert_array_equal(labels.numpy(), raw_labels[expected])
+    np.testing.assert_allclose(images.numpy(), raw_images[expected] / 127.5 - 1.0, atol=1e-6)
+    # Only batch 700 and the few after it that the prefetch reads ahead were decoded.
+    ahead = set(np.concatenate([batch_records(10_000, 16, step, seed=3) for step in range(700, 720)]).tolist())
+    assert 16 <= len(reads) < 16 * 20 and set(reads) <= ahead
+
+
+def test_a_colour_folder_stays_colour_and_a_truncated_jpeg_is_named_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for index in range(3):
+        keras.utils.save_img(tmp_path / "photos" / f"{index}.jpg", rng.integers(0, 256, (20, 30, 3)).astype(np.uint8))
+    source = image_source(str(tmp_path / "photos"))
+    assert source.channels == 3 and source.image_size == (20, 30)
+    images, _ = next(iter(load_dataset(source, batch_size=3, image_size=16, shuffle=False)))
+    assert images.shape == (3, 16, 16, 3) and np.abs(images[..., 0] - images[..., 1]).max() > 0.1
+    whole = (tmp_path / "photos" / "0.jpg").read_bytes()
+    (tmp_path / "photos" / "3.jpg").write_bytes(whole[: len(whole) * 2 // 3])  # header intact, data cut
+    with pytest.raises(KddpmError, match=r"3\.jpg: truncated or corrupt: its JPEG data ends early.*--skip-bad-images"):
+        image_source(str(tmp_path / "photos"))

@@ -168,3 +168,87 @@ def test_multi_worker_strategy_matches_one_process(tmp_path, kind):
     for index in range(2):
         result = json.loads((tmp_path / f"worker{index}.json").read_text())
         check_same_training({**expected, "replicas": 1}, result)
+
+
+PIPELINE = r"""
+import dataclasses, json, os, sys
+import tensorflow as tf
+mode = sys.argv[2]
+if mode == "mirrored":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+elif mode == "workers":
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+else:
+    strategy = tf.distribute.get_strategy()
+import numpy as np
+from kddpm.data import distributed_dataset, load_dataset
+from kddpm.data.sources import in_memory_source
+
+# 48 images whose label is their record index; every read is counted.
+images = np.random.default_rng(0).integers(0, 256, (48, 4, 4, 1)).astype(np.uint8)
+source = in_memory_source(images, np.arange(48), "48 numbered images")
+reads = []
+def count(index):
+    reads.append(int(index))
+    return index
+read = source.read
+source = dataclasses.replace(source, read=lambda i: read(tf.numpy_function(count, [i], tf.int64, stateful=True)),
+                             arrays=None)
+settings = dict(repeat=True, seed=2, cache=False, flip=True, skip_batches=3)
+if strategy.num_replicas_in_sync > 1:
+    data = distributed_dataset(strategy, source, 8, **settings)
+else:
+    data = load_dataset(source, batch_size=8, **settings)
+steps = []
+iterator = iter(data)
+for _ in range(7):  # crosses from epoch 0 (6 batches of 8) into epoch 1
+    batch_images, batch_labels = next(iterator)
+    parts = zip(strategy.experimental_local_results(batch_images), strategy.experimental_local_results(batch_labels))
+    # Labels and each image's pixel sum (its flip shows in the weighted sum): small enough for a pipe.
+    weights = np.arange(16, dtype=np.float64).reshape(1, 4, 4, 1)
+    steps.append([[labels.numpy().tolist(), (images.numpy() * weights).sum(axis=(1, 2, 3)).tolist()]
+                  for images, labels in parts])
+# A live iterator whose map calls back into Python can hang the interpreter's exit: end it first.
+del iterator, data
+print(json.dumps({"steps": steps, "reads": sorted(set(reads))}))
+"""
+
+
+def run_pipeline(script, mode, env):
+    done = subprocess.run([sys.executable, str(script), "", mode], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_one_process_two_replicas_and_two_workers_read_the_same_batches(tmp_path):
+    """kddpm's pipeline: the global batch of each step is the same images (flips included)
+    whether one process reads it, two replicas split it, or two workers read half each; each
+    worker decodes only its own half."""
+    import numpy as np
+
+    from kddpm.data import batch_records
+
+    script = tmp_path / "pipeline.py"
+    script.write_text(PIPELINE)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"}
+    env.pop("TF_CONFIG", None)
+    single = run_pipeline(script, "single", env)
+    mirrored = run_pipeline(script, "mirrored", env)
+    commands = [[sys.executable, str(script), "", "workers"] for _ in range(2)]
+    workers = []
+    for returncode, stdout, stderr in run_loopback_workers(commands, [env, env]):
+        assert returncode == 0, stderr[-3000:]
+        workers.append(json.loads(stdout.strip().splitlines()[-1]))
+    for step, (whole,) in enumerate(single["steps"]):
+        np.testing.assert_array_equal(whole[0], batch_records(48, 8, step + 3, seed=2))
+        for split in (mirrored["steps"][step], [worker["steps"][step][0] for worker in workers]):
+            assert [len(labels) for labels, _ in split] == [4, 4]
+            assert split[0][0] + split[1][0] == whole[0]
+            np.testing.assert_allclose(np.concatenate([images for _, images in split]), whole[1], rtol=1e-6)
+    # Worker w decoded records of its own halves only (steps 3, 4, ... with the prefetch's lookahead).
+    for index, worker in enumerate(workers):
+        own = {r for step in range(3, 30) for r in batch_records(48, 8, step, seed=2)[4 * index : 4 * index + 4]}
+        assert set(worker["reads"]) <= own and len(worker["reads"]) >= 4 * 3

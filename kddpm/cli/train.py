@@ -55,6 +55,20 @@ def add_parser(verbs, common) -> None:
     train.add_argument(
         "--preset", default="demo", choices=sorted(PRESETS), help="model size and settings (default: demo)"
     )
+    train.add_argument(
+        "--image-size",
+        type=image_size,
+        metavar="H[xW]",
+        help="train at this image size, resizing (centre crop) or padding the data to it, with the preset's "
+        "widths (default: the preset's size)",
+    )
+    train.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        help="1 (grey) or 3 (colour): convert the images to it (default: the data's own, e.g. 3 for a folder of "
+        "colour photos)",
+    )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimizer steps (default: the preset's), rounded up to whole epochs")
     length.add_argument("--epochs", type=int, help="passes over the data, instead of --steps (default: use --steps)")
@@ -125,6 +139,18 @@ def add_parser(verbs, common) -> None:
     train.set_defaults(run=run, check=check_arguments)
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """'64' or '64x48' -> (64, 64) or (64, 48)."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(part) for part in parts)
+    except ValueError:
+        size = ()
+    if len(size) not in (1, 2) or min(size, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"--image-size takes H or HxW in pixels (64, 64x48), not {text!r}")
+    return (size[0], size[-1])
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Every check that needs no data, model or TensorFlow, before anything is loaded."""
     positive(args, "steps", "epochs", "batch_size", "steps_per_epoch", "grid_every", "grid_scale")
@@ -144,7 +170,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import keras
 
-    from kddpm.data import image_source, load_dataset
+    from kddpm.data import distributed_dataset, image_source, load_dataset
     from kddpm.presets import get_preset
     from kddpm.training import (
         EvaluateEvery,
@@ -192,14 +218,12 @@ def run(args: argparse.Namespace) -> int:
     start_step = state["step"] if state else 0
 
     print(f"Precision: {set_precision(args.mixed_precision)}")
-    source = image_source(
-        args.data,
-        "train",
-        args.data_dir,
-        preset.image_shape[2] if Path(args.data).is_dir() else None,
-        skip_bad_images=args.skip_bad_images,
-    )
+    source = image_source(args.data, "train", args.data_dir, args.channels, skip_bad_images=args.skip_bad_images)
     print(f"Data: {source.description}")
+    # The network is built for the data's channels (a colour folder trains a colour model) at
+    # the preset's size, unless --channels and --image-size say otherwise.
+    height, width = args.image_size or preset.image_shape[:2]
+    image_shape = (height, width, args.channels or source.channels or preset.image_shape[2])
     class_names = None
     if args.conditional:
         if not source.class_names:
@@ -227,26 +251,34 @@ def run(args: argparse.Namespace) -> int:
         "skip_bad_images": args.skip_bad_images,
         "conditional": args.conditional,
         "label_dropout": label_dropout if args.conditional else None,
+        "image_shape": list(image_shape),
     }
     if state:
         _check_resume_settings(state.get("settings", {}), settings, backup_dir)
-    data = load_dataset(
-        source,
-        batch_size=batch_size,
-        image_shape=preset.image_shape,
+    pipeline = dict(
+        image_shape=image_shape,
+        channels=args.channels,
         flip=preset.flip,
         repeat=True,
         seed=args.seed,
         skip_batches=start_step,
         labels=args.conditional,
     )
+    if strategy.num_replicas_in_sync > 1:
+        # Each worker reads and decodes only its share of every global batch.
+        data = distributed_dataset(strategy, source, batch_size, **pipeline)
+    else:
+        data = load_dataset(source, batch_size=batch_size, **pipeline)
 
     with strategy.scope():
-        model = create_model(preset, seed=args.seed, class_names=class_names, label_dropout=label_dropout)
+        model = create_model(
+            preset, seed=args.seed, class_names=class_names, label_dropout=label_dropout, image_shape=image_shape
+        )
         jit = {"auto": "auto", "on": True, "off": False}[args.jit]
         model.compile(optimizer=make_optimizer(args.lr or preset.learning_rate, preset.warmup_steps), jit_compile=jit)
     print(
-        f"Model: preset {preset.name}, {model.denoiser.count_params():,} parameters; "
+        f"Model: preset {preset.name} at {'x'.join(map(str, image_shape))}, "
+        f"{model.denoiser.count_params():,} parameters; "
         f"{plural(epochs, 'epoch')} x {plural(steps_per_epoch, 'step')} of {batch_size} images; "
         f"{plural(strategy.num_replicas_in_sync, 'replica')}"
     )
