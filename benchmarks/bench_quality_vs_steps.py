@@ -32,7 +32,9 @@ from kddpm.metrics import feature_statistics, frechet_distance_from_stats
 from kddpm.sampling import Sampler, make_plan, to_uint8
 
 
-def score(model, extractor, real, sampler, steps, clip_x0, samples, batch_size):
+def score(model, extractor, real, sampler, steps, clip_x0, samples, batch_size, raw_eps=False):
+    if raw_eps:
+        return raw_eps_score(model, extractor, real, steps, samples, batch_size)
     if sampler != "ddpm":
         # Trace the loop first (a 1-step plan, the same function), so that the time is sampling alone.
         model.sample(min(samples, batch_size), seed=0, sampler=sampler, steps=1, clip_x0=clip_x0)
@@ -52,6 +54,26 @@ def score(model, extractor, real, sampler, steps, clip_x0, samples, batch_size):
         "fid": fid,
         "seconds_per_1000": 1000 * seconds / samples,
     }
+
+
+def raw_eps_score(model, extractor, real, steps, samples, batch_size):
+    """Clipped DDIM keeping the network's eps in its direction term (kddpm's step before it
+    recomputed eps from the clipped x0; diffusers' DDIMScheduler default), for comparison."""
+    from bench_guidance import raw_eps_ddim
+
+    plan = raw_eps_ddim(model.plan("ddim", steps, clip_x0=True))
+    runner = Sampler(model.ema_denoiser, model.image_shape)
+    started = time.perf_counter()
+    images = np.concatenate([
+        runner.sample(plan, min(batch_size, samples - i), seed=0, first_image=i).numpy()
+        for i in range(0, samples, batch_size)
+    ])  # fmt: skip
+    seconds = time.perf_counter() - started
+    fid = frechet_distance_from_stats(*feature_statistics(extractor(to_uint8(images))), real["mu"], real["sigma"])
+    return {
+        "sampler": "ddim", "steps": steps, "network_calls": steps, "clip_x0": True, "raw_eps": True,
+        "samples": samples, "fid": fid, "seconds_per_1000": 1000 * seconds / samples,
+    }  # fmt: skip
 
 
 def step_times(model, batch: int, rounds: int = 3, steps: int = 20) -> dict[str, list[float]]:
@@ -83,7 +105,8 @@ def plot(rows, path: Path) -> Path | None:
     for sampler, (color, label) in styles.items():
         for clip_x0, dash in ((True, "-"), (False, "--")):
             chosen = sorted(
-                (r for r in rows if r["sampler"] == sampler and r["clip_x0"] == clip_x0), key=lambda r: r["steps"]
+                (r for r in rows if r["sampler"] == sampler and r["clip_x0"] == clip_x0 and not r.get("raw_eps")),
+                key=lambda r: r["steps"],
             )
             if chosen:
                 n = chosen[0]["samples"]
@@ -112,6 +135,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/quality_vs_steps.json")
     parser.add_argument("--also", help="a JSON this benchmark wrote earlier: its rows join the table and the plot")
     parser.add_argument("--no-step-times", action="store_true", help="skip the ms-per-step comparison")
+    parser.add_argument(
+        "--raw-eps-steps", default="", help="DDIM steps also measured with the raw-eps clipped step (comparison)"
+    )
     args = parser.parse_args()
     model = load_diffusion_model(args.model)
     extractor = feature_extractor("fashion_mnist")
@@ -134,6 +160,10 @@ def main() -> None:
             rows.append(score(model, extractor, real, sampler, steps, clip_x0, args.samples, args.batch_size))
             print(json.dumps(rows[-1]), flush=True)
             save()
+    for steps in (int(s) for s in args.raw_eps_steps.split(",") if s):
+        rows.append(score(model, extractor, real, "ddim", steps, True, args.samples, args.batch_size, raw_eps=True))
+        print(json.dumps(rows[-1]), flush=True)
+        save()
     if args.ddpm_samples:
         rows.append(
             score(model, extractor, real, "ddpm", model.schedule.timesteps, True, args.ddpm_samples, args.batch_size)
@@ -151,8 +181,12 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for row in rows:
         name = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}[row["sampler"]]
+        name += " (raw eps, before)" if row.get("raw_eps") else ""
         print(f"| {name} | {row['network_calls']} | {'on' if row['clip_x0'] else 'off'} | {row['samples']} | "
               f"{row['fid']:.2f} | {row['seconds_per_1000']:.0f} s |")  # fmt: skip
+    if not step_ms:
+        print(f"\nResults: {out}" + (f"  Plot: {picture}" if picture else ""))
+        return
     print("\n| batch | DDIM ms/step (median) | DPM-Solver++ ms/step (median) | ratio |")
     print("| --- | --- | --- | --- |")
     for batch, times in step_ms.items():

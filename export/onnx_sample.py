@@ -29,7 +29,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
 # kddpm's defaults (kddpm/defaults.py; a test keeps them equal).
 DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
-DEFAULT_GUIDANCE = 0.5
+DEFAULT_GUIDANCE = 1.0
 DYNAMIC_THRESHOLD_QUANTILE = 0.995
 
 

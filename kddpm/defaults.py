@@ -13,7 +13,7 @@ DEFAULT_SAMPLER = "dpm++2m"
 # Steps of the samplers that take a step count (DDPM always takes all T).
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
 # Classifier-free guidance scale w for class-conditional models, wherever labels are given without one.
-DEFAULT_GUIDANCE = 0.5
+DEFAULT_GUIDANCE = 1.0
 # clip_x0: off, clip the predicted x0 to [-1, 1], or dynamic thresholding (Saharia et al. 2022).
 CLIP_MODES = (False, True, "dynamic")
 # Dynamic thresholding's quantile of |x0_hat| per image (diffusers' dynamic_thresholding_ratio).

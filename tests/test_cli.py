@@ -128,7 +128,7 @@ def test_a_folder_with_a_truncated_image_names_the_file(tmp_path):
         tmp_path / "r",
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "6 images in" in done.stdout and "1 undecodable files skipped" in done.stdout
+    assert "6 images in" in done.stdout and "1 undecodable file skipped" in done.stdout
 
 
 @pytest.mark.slow
@@ -229,7 +229,7 @@ def test_sample_by_class_name_per_class_and_guidance(conditional_run, tmp_path):
     np.testing.assert_array_equal(a, b)  # by name or by index, the same images
     rows = kddpm("sample", *common, "--per-class", 2, "--out", tmp_path / "rows.png")
     assert rows.returncode == 0, rows.stderr[-2000:]
-    assert "Sampling 20 images" in rows.stdout and "guidance 0.5" in rows.stdout
+    assert "Sampling 20 images" in rows.stdout and "guidance 1" in rows.stdout
     grid = np.asarray(keras.utils.load_img(tmp_path / "rows.png", color_mode="grayscale"))
     assert grid.shape[0] > 10 * 28
     for args, message in (
@@ -252,7 +252,39 @@ def test_conditional_flags_need_labels_and_a_conditional_model(run_dir, tmp_path
     done = kddpm("train", "--preset", "tiny", "--conditional", "--data", folder, "--steps", 1, "--out", tmp_path / "r")
     assert done.returncode == 2 and "--conditional needs labels" in done.stderr and "sub-folder" in done.stderr
     done = kddpm("train", "--preset", "tiny", "--label-dropout", "0.3", "--steps", 1, "--out", tmp_path / "r")
-    assert done.returncode == 2 and "--label-dropout goes with --conditional" in done.stderr
+    assert done.returncode == 2 and "--label-dropout would have no effect here: it goes with --conditional" in (
+        done.stderr
+    )
     out, _ = run_dir
     done = kddpm("sample", "--model", out, "--class", "bag", "--out", tmp_path / "x.png")
     assert done.returncode == 2 and "need a class-conditional model" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_colour_folder_trains_a_colour_model_at_the_size_asked(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):  # red-ish and blue-ish photos of other sizes than the model's
+        colour = np.array([200, 40, 40] if index % 2 else [40, 40, 200], np.uint8)
+        image = np.clip(colour + rng.integers(-30, 30, (48, 40, 3)), 0, 255).astype(np.uint8)
+        keras.utils.save_img(folder / f"{index}.jpg", image)
+    out = tmp_path / "run"
+    done = kddpm("train", "--preset", "tiny", "--data", folder, "--image-size", 32, "--channels", 3, "--steps", 2,
+                 "--batch-size", 4, "--out", out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Model: preset tiny at 32x32x3" in done.stdout
+    model = keras.models.load_model(out / "model.keras")
+    assert model.image_shape == (32, 32, 3)
+    grid = np.asarray(keras.utils.load_img(out / "samples" / "final.png"))
+    assert grid.shape[2] == 3 and np.abs(grid[..., 0].astype(int) - grid[..., 2]).max() > 0  # colour, not grey
+    # Without --channels the data decides: a colour folder is never made grey.
+    done = kddpm("train", "--preset", "tiny", "--data", folder, "--steps", 1, "--batch-size", 4, "--out",
+                 tmp_path / "run2")  # fmt: skip
+    assert done.returncode == 0 and "Model: preset tiny at 28x28x3" in done.stdout
+    # A grey image among them: both kinds and the flag are named, before any training.
+    keras.utils.save_img(folder / "grey.png", np.zeros((48, 40, 1), np.uint8), scale=False)
+    done = kddpm("train", "--preset", "tiny", "--data", folder, "--steps", 1, "--out", tmp_path / "run3")
+    assert done.returncode == 2 and "mix grey and colour" in done.stderr
+    assert "--channels 1 or --channels 3" in done.stderr
+    assert "grey.png is grey" in done.stderr and ".jpg is colour" in done.stderr
