@@ -1,6 +1,6 @@
 """Training throughput under each execution mode, against this machine's convolution peak.
 
-    python benchmarks/bench_scale.py [--presets small cifar10] [--steps 6] [--batch 64]
+    python benchmarks/bench_scale.py [--presets small cifar10] [--steps 6] [--batch 64] [--modes default ...]
 
 For each preset, trains on random images and prints images/s (steady state, after the warm-up
 steps) for: the default graph, XLA (jit_compile), mixed bfloat16, and MirroredStrategy over two
@@ -8,7 +8,8 @@ logical CPU devices. Each mode runs in a fresh process (logical devices and dtyp
 process-wide). It also measures the fp32 throughput of a large 3x3 convolution (oneDNN's best
 case on this machine) and reports which fraction of it the train step reaches, counting the
 U-Net's FLOPs (2 per multiply-add; a train step as 3 forward passes: forward, and backward for
-activations and weights). Prints figures, asserts nothing.
+activations and weights), and the time of one train step. ``--batch 0`` uses each preset's own
+batch size. Prints figures, asserts nothing.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "cifar10"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--steps", type=int, default=6, help="measured steps per mode (after 3 warm-up steps)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="global batch (0: the preset's own)")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -123,15 +124,16 @@ def main() -> None:
     for preset in args.presets:
         network = build_unet(**PRESETS[preset].unet_kwargs())
         train_flops = 3 * forward_flops(network)
+        batch = args.batch or PRESETS[preset].batch_size
         print(
             f"\n{preset}: {network.count_params():,} parameters, {forward_flops(network) / 1e9:.2f} GFLOP "
-            f"forward per image, batch {args.batch}"
+            f"forward per image, batch {batch}"
         )
-        print(f"  {'mode':14s} {'images/s':>9s} {'GFLOP/s':>8s} {'of conv peak':>13s}")
+        print(f"  {'mode':14s} {'images/s':>9s} {'s/step':>8s} {'GFLOP/s':>8s} {'of conv peak':>13s}")
         for mode in args.modes:
-            rate = run_mode(mode, preset, args.steps, args.batch)
+            rate = run_mode(mode, preset, args.steps, batch)
             achieved = rate * train_flops / 1e9
-            print(f"  {mode:14s} {rate:9.2f} {achieved:8.0f} {achieved / peak:12.0%}", flush=True)
+            print(f"  {mode:14s} {rate:9.2f} {batch / rate:8.3f} {achieved:8.0f} {achieved / peak:12.0%}", flush=True)
 
 
 if __name__ == "__main__":

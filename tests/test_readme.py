@@ -23,7 +23,7 @@ SNIPPETS = {
             ("attention_resolutions=(7,)", "attention_resolutions=(14,)"),
             ("norm_groups=8", "norm_groups=4"),
             ("steps_per_epoch=200, epochs=13", "steps_per_epoch=2, epochs=1"),
-            ('model.sample(64, seed=0, sampler="ddim", steps=100)', 'model.sample(3, seed=0, sampler="ddim", steps=4)'),
+            ("model.sample(64, seed=0)", "model.sample(3, seed=0, steps=4)"),
         ],
         "check": "assert images.shape == (3, 28, 28, 1) and -1 <= images.min() and images.max() <= 1",
     },
@@ -52,7 +52,7 @@ SNIPPETS["callbacks = [EvaluateEvery"] = {
 SNIPPETS['from_diffusers("ddpm-cifar10-32")'] = {
     "replace": [
         ('"ddpm-cifar10-32"', repr(str(ROOT / "tests" / "fixtures" / "diffusers" / "cifar_pipeline"))),
-        ("steps=50", "steps=3"),
+        ("steps=20", "steps=3"),
     ],
     "check": "import json; assert images.shape == (4, 32, 32, 3) and -1 <= images.min() and images.max() <= 1\n"
     "assert json.load(open('ddpm-cifar10-32-again/unet/config.json'))['block_out_channels'] == [4, 8, 8, 8]",
@@ -64,11 +64,31 @@ SNIPPETS['labels="Sneaker"'] = {
         ('PRESETS["demo"]', 'PRESETS["tiny"]'),
         ("batch_size=64", "batch_size=8"),
         ("steps_per_epoch=200, epochs=13", "steps_per_epoch=2, epochs=1"),
-        ("steps=20", "steps=2"),
+        ('labels="Sneaker")', 'labels="Sneaker", steps=2)'),
     ],
     "check": "assert sneakers.shape == (8, 28, 28, 1) and model.num_classes == 10\n"
     "assert model.class_index('sneaker') == 7",
 }
+
+
+def export_a_tiny_model(folder):
+    """What the deployment page's snippet loads: a 28x28 model exported to folder/exported."""
+    from kddpm.export import export_model
+    from kddpm.presets import PRESETS
+    from kddpm.training import create_model
+
+    export_model(create_model(PRESETS["tiny"], seed=0), folder / "exported", format="saved_model")
+
+
+SNIPPETS['tf.saved_model.load("exported/kddpm/1")'] = {
+    "setup": export_a_tiny_model,
+    "replace": [],
+    "check": "assert images.shape == (4, 28, 28, 1) and images.dtype == tf.uint8 and eps.shape == (2, 28, 28, 1)\n"
+    "assert 'kddpm' not in sys.modules and 'keras' not in sys.modules, 'the snippet needs TensorFlow alone'",
+    "prefix": "import sys\n",
+}
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def python_blocks(text):
@@ -86,20 +106,36 @@ def run_python(code, cwd, timeout=600, env=None):
     )
 
 
-@pytest.mark.slow
-def test_every_readme_python_block_runs_in_a_fresh_process(tmp_path):
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 2
-    for block in blocks:
+def documented_blocks():
+    """(document name, block) for every ```python block of the README and docs/*.md."""
+    return [(path.name, block) for path in DOCUMENTS for block in python_blocks(path.read_text())]
+
+
+def test_every_documented_block_has_a_test_entry():
+    blocks = documented_blocks()
+    assert len(blocks) >= 6
+    used = set()
+    for name, block in blocks:
         keys = [key for key in SNIPPETS if key in block]
-        assert len(keys) == 1, f"README block without a test entry:\n{block}"
-        entry = SNIPPETS[keys[0]]
-        code = block
-        for old, new in entry["replace"]:
-            assert old in code, f"{old!r} is no longer in the README block; update the test's substitutions"
-            code = code.replace(old, new)
-        done = run_python(code + "\n" + entry["check"] + "\n", tmp_path, env={"KDDPM_CACHE": str(tmp_path / "cache")})
-        assert done.returncode == 0, f"README block failed:\n{code}\n{done.stderr[-3000:]}"
+        assert len(keys) == 1, f"{name} block without (or with several) test entries:\n{block}"
+        used.add(keys[0])
+    assert used == set(SNIPPETS), f"test entries for blocks that are gone: {set(SNIPPETS) - used}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", sorted(SNIPPETS))
+def test_every_documented_python_block_runs_in_a_fresh_process(key, tmp_path):
+    name, block = next((name, block) for name, block in documented_blocks() if key in block)
+    entry = SNIPPETS[key]
+    code = block
+    for old, new in entry["replace"]:
+        assert old in code, f"{old!r} is no longer in the {name} block; update the test's substitutions"
+        code = code.replace(old, new)
+    if "setup" in entry:
+        entry["setup"](tmp_path)
+    code = entry.get("prefix", "") + code + "\n" + entry["check"] + "\n"
+    done = run_python(code, tmp_path, env={"KDDPM_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, f"{name} block failed:\n{code}\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.slow

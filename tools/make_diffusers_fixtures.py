@@ -17,7 +17,9 @@ It writes, with random weights (perturbed so that no norm scale is exactly 1 and
 - ``cifar_pipeline/dpm_solver.npz``: x_T and what DPMSolverMultistepScheduler (defaults) makes
   of it with that U-Net in 1, 2, 10 and 20 steps (ODE) and 1, 2 and 8 (SDE, with its noise);
 - ``schedules.npz``: DDPMScheduler's float32 betas and alphas_cumprod for each beta_schedule,
-  and its variance at a few timesteps.
+  and its variance at a few timesteps;
+- ``repaint_timesteps.npz``: RePaintScheduler.set_timesteps' sequences for a few (T, steps,
+  jump_length, jump_n_sample), the resampling schedule kddpm's inpainting follows.
 
 ``--full-size DIR`` also writes the full google/ddpm-cifar10-32 architecture (35.7M random
 weights, 143 MB: not committed) with its eps.npz; KDDPM_DIFFUSERS_FULL=DIR makes the tests
@@ -33,7 +35,10 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, RePaintScheduler, UNet2DModel
+
+# (num_train_timesteps, steps, jump_length, jump_n_sample) of the RePaint fixture.
+REPAINT_SETTINGS = ((1000, 250, 10, 10), (1000, 100, 5, 3), (1000, 50, 10, 1), (200, 40, 4, 2), (64, 64, 3, 4))
 
 CIFAR10 = dict(
     sample_size=32,
@@ -130,6 +135,15 @@ def write_schedules(path: Path) -> None:
     np.savez(path, **tables)
 
 
+def write_repaint(path: Path) -> None:
+    arrays = {}
+    for timesteps, steps, jump_length, jump_n_sample in REPAINT_SETTINGS:
+        scheduler = RePaintScheduler(num_train_timesteps=timesteps)
+        scheduler.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+        arrays[f"{timesteps}_{steps}_{jump_length}_{jump_n_sample}"] = scheduler.timesteps.numpy()
+    np.savez(path, **arrays)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="tests/fixtures/diffusers")
@@ -152,6 +166,7 @@ def main() -> None:
     write_eps(unet, out / "six_levels", seed=4)
 
     write_schedules(out / "schedules.npz")
+    write_repaint(out / "repaint_timesteps.npz")
     versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__}
     (out / "VERSIONS.json").write_text(json.dumps(versions, indent=2) + "\n")
 

@@ -24,6 +24,8 @@ from kddpm.streams import example_normals, fold_in, seed_pair
 # 12.0 vs 15.7 ms at batch 1, 38 vs 44 at 4, 70 vs 72 at 8, 143 vs 133 at 16, 294 vs 264 at 32
 # (benchmarks/bench_train_and_sample.py prints this sweep).
 XLA_CPU_MAX_BATCH = 8
+# The stream of the known image's noise in inpainting (apart from x_T's, 0, and step k's, k + 1).
+_KNOWN_STREAM = 1 << 20
 
 
 def initial_noise(key: tf.Tensor, first: int | tf.Tensor, count: int | tf.Tensor, image_shape) -> tf.Tensor:
@@ -88,15 +90,22 @@ class Sampler:
         first_image: int = 0,
         labels: np.ndarray | tf.Tensor | None = None,
         guidance_scale: float = 0.0,
+        known: tuple[np.ndarray | tf.Tensor, np.ndarray | tf.Tensor] | None = None,
+        shared_noise: bool = False,
     ) -> tf.Tensor:
         """Runs the reverse process and returns x_0: [B, H, W, C] float32 (not clipped).
 
-        num_images: B, when ``x_T`` is not given. x_T: [B, H, W, C] initial noise.
-        noise: [S, B, H, W, C] per-step noise, S = plan.num_steps. progress: show a Keras
-        progress bar, running the loop in about ``chunks`` graph calls instead of one.
-        first_image: the seed's image index of this batch's first image (images
-        first_image .. first_image + B - 1 of the seed are drawn). labels: [B] int in [0, K]
-        and guidance_scale: w >= 0, conditional networks only (see the class docstring).
+        num_images: B, when ``x_T`` is not given. x_T: [B, H, W, C] initial noise (or, for a
+        plan that starts later, x_t at its first timestep). noise: [S, B, H, W, C] per-step
+        noise, S = plan.num_steps. progress: show a Keras progress bar, running the loop in
+        about ``chunks`` graph calls instead of one. first_image: the seed's image index of
+        this batch's first image (images first_image .. first_image + B - 1 of the seed are
+        drawn). labels: [B] int in [0, K] and guidance_scale: w >= 0, conditional networks only
+        (see the class docstring). known: (images [B, H, W, C] in [-1, 1], keep [B, H, W, 1]
+        with 1 where the image is kept) for a plan with ``known_rows`` (inpainting, RePaint):
+        after each network step the kept pixels are replaced by the known image noised to the
+        step's level. shared_noise: every image of the batch gets image first_image's per-step
+        noise (interpolations that differ only in their x_t).
         """
         key = seed_pair(seed)
         if x_T is None:
@@ -112,11 +121,14 @@ class Sampler:
                 raise KddpmError(f"noise has shape {tuple(noise.shape)}; expected {(plan.num_steps, *x.shape)}.")
         condition = self._condition(labels, guidance_scale, int(x.shape[0]))
         guided = bool(condition) and float(guidance_scale) != 0.0
-        loop = self._function(plan.clip_x0, noise is not None, self.uses_xla(int(x.shape[0])), guided)
+        edits = self._edits(plan, known, x)
+        loop = self._function(
+            plan.clip_x0, noise is not None, self.uses_xla(int(x.shape[0])), guided, bool(edits), shared_noise
+        )
         timesteps = tf.constant(plan.timesteps, tf.int32)
         coefficients = tf.constant(plan.coefficients())
         first = tf.constant(first_image, tf.int32)
-        extra = (() if noise is None else (noise,)) + condition
+        extra = (() if noise is None else (noise,)) + edits + condition
         steps = plan.num_steps
         x0_prev = tf.zeros_like(x)  # a multistep solver's history, carried across chunks
         if not progress:
@@ -129,6 +141,21 @@ class Sampler:
             )
             bar.update(int(stop))
         return x
+
+    def _edits(self, plan: SamplingPlan, known, x: tf.Tensor) -> tuple:
+        """The loop's (known images, keep mask, known rows) inputs for an inpainting plan; () otherwise."""
+        if (known is None) != (plan.known_rows is None):
+            raise KddpmError("An inpainting plan (known_rows) needs known=(images, keep) and only it takes them.")
+        if known is None:
+            return ()
+        images = tf.convert_to_tensor(known[0], tf.float32)
+        keep = tf.convert_to_tensor(known[1], tf.float32)
+        if tuple(images.shape) != tuple(x.shape) or tuple(keep.shape) != (*x.shape[:3], 1):
+            raise KddpmError(
+                f"known images {tuple(images.shape)} and keep mask {tuple(keep.shape)} must be {tuple(x.shape)} "
+                f"and {(*x.shape[:3], 1)}."
+            )
+        return images, keep, tf.constant(plan.known_rows, tf.float32)
 
     def _condition(self, labels, guidance_scale: float, batch: int) -> tuple:
         """The loop's (labels, guidance) inputs: () for an unconditional network."""
@@ -191,8 +218,16 @@ class Sampler:
                 shots.append((-1, x.numpy(), np.clip(x.numpy(), -1.0, 1.0)))
         return shots
 
-    def _function(self, clip_x0: bool | str, explicit_noise: bool, jit_compile: bool, guided: bool = False):
-        key = (clip_x0, explicit_noise, jit_compile, guided)
+    def _function(
+        self,
+        clip_x0: bool | str,
+        explicit_noise: bool,
+        jit_compile: bool,
+        guided: bool = False,
+        inpaint: bool = False,
+        shared_noise: bool = False,
+    ):
+        key = (clip_x0, explicit_noise, jit_compile, guided, inpaint, shared_noise)
         if key not in self._functions:
             signature = [
                 tf.TensorSpec([None, *self.image_shape], tf.float32),
@@ -206,10 +241,16 @@ class Sampler:
             ]
             if explicit_noise:
                 signature.append(tf.TensorSpec([None, None, *self.image_shape], tf.float32))
+            if inpaint:
+                signature += [
+                    tf.TensorSpec([None, *self.image_shape], tf.float32),
+                    tf.TensorSpec([None, *self.image_shape[:2], 1], tf.float32),
+                    tf.TensorSpec([None, 3], tf.float32),
+                ]
             if self.num_classes is not None:
                 signature += [tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32)]
             self._functions[key] = tf.function(
-                self.loop(clip_x0, explicit_noise, guided),
+                self.loop(clip_x0, explicit_noise, guided, inpaint, shared_noise),
                 input_signature=signature,
                 jit_compile=jit_compile,
             )
@@ -238,31 +279,54 @@ class Sampler:
 
         return guided_eps
 
-    def loop(self, clip_x0: bool | str, explicit_noise: bool, guided: bool = False):
+    def loop(
+        self,
+        clip_x0: bool | str,
+        explicit_noise: bool,
+        guided: bool = False,
+        inpaint: bool = False,
+        shared_noise: bool = False,
+    ):
         """The reverse loop as a plain Python function of tensors, for use inside any graph:
-        ``loop(x, x0_prev, key, first, timesteps, coefficients, start, stop[, noise][, labels,
-        guidance]) -> (x, x0_prev)`` runs plan steps [start, stop) from x, images first ..
-        first + B - 1 of the key's streams; x0_prev: the previous step's x0_hat (zeros before
-        the first step); timesteps [S] int32, coefficients [S, 7] float32; labels [B] int32 and
-        guidance [] float32 for a conditional network (``guided``: w may be non-zero)."""
+        ``loop(x, x0_prev, key, first, timesteps, coefficients, start, stop[, noise][, known,
+        keep, known_rows][, labels, guidance]) -> (x, x0_prev)`` runs plan steps [start, stop)
+        from x, images first .. first + B - 1 of the key's streams; x0_prev: the previous
+        step's x0_hat (zeros before the first step); timesteps [S] int32, coefficients [S, 7]
+        float32; for ``inpaint``, the known images, the keep mask and the plan's known rows
+        [S, 3] (see ``sample``); labels [B] int32 and guidance [] float32 for a conditional
+        network (``guided``: w may be non-zero). ``shared_noise``: one image's step noise for all."""
         eps_of = self.eps_function(guided)
         image_shape = self.image_shape
 
         def loop(x, x0_prev, key, first, timesteps, coefficients, start, stop, *extra):
             noise = extra[0] if explicit_noise else None
-            condition = extra[1:] if explicit_noise else extra
+            extra = extra[1:] if explicit_noise else extra
+            known, keep, known_rows = extra[:3] if inpaint else (None, None, None)
+            condition = extra[3:] if inpaint else extra
             batch = tf.shape(x)[0]
 
             def step(k, x, x0_prev):
                 t = tf.fill([batch], timesteps[k])
-                eps = eps_of(x, t, *condition)
+                if inpaint:
+                    # A row whose weight is 0 is a forward ("jump back") step: no network call.
+                    network_step, known_x0, known_noise = tf.unstack(known_rows[k])
+                    eps = tf.cond(network_step > 0, lambda: eps_of(x, t, *condition), lambda: tf.zeros_like(x))
+                else:
+                    eps = eps_of(x, t, *condition)
                 x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, coef_x0_prev = tf.unstack(coefficients[k])
                 x0_hat = clip_prediction(x0_from_xt * x - x0_from_eps * eps, clip_x0)
                 # DDPM and DDIM weigh x0_hat only when clipping, and x0_prev never (their rows
                 # are 0 there, which adds exactly nothing).
                 x_prev = coef_xt * x + coef_eps * eps + (coef_x0 * x0_hat + coef_x0_prev * x0_prev)
-                z = noise[k] if explicit_noise else step_noise(key, k, first, batch, image_shape)
-                return k + 1, x_prev + sigma * z, x0_hat
+                count = 1 if shared_noise else batch
+                z = noise[k] if explicit_noise else step_noise(key, k, first, count, image_shape)
+                x_prev = x_prev + sigma * z
+                if inpaint:
+                    # The kept pixels: the known image at the step's noise level (its own noise).
+                    z_known = example_normals(fold_in(key, _KNOWN_STREAM + k), first, batch, image_shape)
+                    known_now = known_x0 * known + known_noise * z_known
+                    x_prev = x_prev + network_step * keep * (known_now - x_prev)
+                return k + 1, x_prev, x0_hat
 
             _, x, x0_prev = tf.while_loop(lambda k, *_: k < stop, step, (start, x, x0_prev), parallel_iterations=1)
             return x, x0_prev

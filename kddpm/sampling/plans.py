@@ -104,15 +104,25 @@ class SamplingPlan:
     sigma: np.ndarray
     coef_x0_prev: np.ndarray  # the previous step's x0_hat (multistep solvers; zero otherwise)
     clip_x0: bool | str  # one of CLIP_MODES
+    # Inpainting plans only, [S, 3]: (1 for a network step, 0 for a forward "jump back" step; the
+    # known image's coefficient sqrt(abar') and its noise's sqrt(1 - abar') after the step).
+    known_rows: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def rows_from(self, first: int) -> SamplingPlan:
+        """The plan's steps first.. (a later start of the same reverse process)."""
+        return dataclasses.replace(self, **{f: getattr(self, f)[first:] for f in _ROW_FIELDS})
+
     def coefficients(self) -> np.ndarray:
         """The seven coefficient rows stacked as [S, 7] float32, in the loop's order."""
         rows = [self.x0_from_xt, self.x0_from_eps, self.coef_x0, self.coef_xt, self.coef_eps, self.sigma]
         return np.stack([*rows, self.coef_x0_prev], axis=1).astype(np.float32)
+
+
+_ROW_FIELDS = ("timesteps", "x0_from_xt", "x0_from_eps", "coef_x0", "coef_xt", "coef_eps", "sigma", "coef_x0_prev")
 
 
 def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool | str = False) -> SamplingPlan:
@@ -173,6 +183,14 @@ def ddim_tables(
     """
     last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
     timesteps = tf.cast(tf.round(tf.linspace(last, tf.constant(0.0, tf.float64), steps)), tf.int32)
+    return timesteps, ddim_rows(alphas_cumprod, timesteps, eta, clip_x0)
+
+
+def ddim_rows(
+    alphas_cumprod: tf.Tensor, timesteps: tf.Tensor, eta: float | tf.Tensor = 0.0, clip_x0: bool | str = False
+) -> list[tf.Tensor]:
+    """DDIM's seven coefficient rows [S] float64 for any decreasing ``timesteps`` [S] (each step
+    goes to the next, the last to abar = 1)."""
     abar = tf.gather(alphas_cumprod, timesteps)
     abar_prev = tf.concat([abar[1:], tf.ones([1], tf.float64)], axis=0)
     eta = tf.cast(eta, tf.float64)
@@ -190,7 +208,7 @@ def ddim_tables(
         coef_eps = direction - tf.sqrt(abar_prev) * tf.sqrt(1.0 - abar) / tf.sqrt(abar)
     x0_from_xt = 1.0 / tf.sqrt(abar)
     x0_from_eps = tf.sqrt(1.0 / abar - 1.0)
-    return timesteps, [x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, zeros]
+    return [x0_from_xt, x0_from_eps, coef_x0, coef_xt, coef_eps, sigma, zeros]
 
 
 def dpm_solver_plan(
@@ -202,6 +220,26 @@ def dpm_solver_plan(
     _check_steps("DPM-Solver++", schedule.timesteps - 1, steps)
     timesteps, rows = dpm_solver_tables(tf.constant(schedule.alphas_cumprod), tf.constant(steps), clip_x0, stochastic)
     return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=clip_x0)
+
+
+def started_at(
+    plan: SamplingPlan, schedule: NoiseSchedule, start_t: int, sampler: str, eta: float = 0.0
+) -> SamplingPlan:
+    """``plan`` started at timestep ``start_t`` from a given x_t: its steps at or below start_t,
+    with start_t itself as the first (when it is not one of them, its step goes to the plan's
+    next timestep below it). DDPM: rows start_t .. 0 of Algorithm 2."""
+    if not 0 <= start_t < schedule.timesteps:
+        raise KddpmError(f"start_t must lie in [0, {schedule.timesteps}), got {start_t}.")
+    if sampler == "ddpm":
+        return plan.rows_from(int(np.argmax(plan.timesteps <= start_t)))
+    below = plan.timesteps[plan.timesteps < start_t]
+    timesteps = tf.constant(np.concatenate([[start_t], below]), tf.int32)
+    abar = tf.constant(schedule.alphas_cumprod)
+    if sampler == "ddim":
+        rows = ddim_rows(abar, timesteps, eta, plan.clip_x0)
+    else:
+        rows = dpm_solver_rows(abar, timesteps, sampler == "dpm++2m_sde")
+    return SamplingPlan(timesteps.numpy().astype(np.int64), *(row.numpy() for row in rows), clip_x0=plan.clip_x0)
 
 
 def dpm_solver_tables(
@@ -227,6 +265,12 @@ def dpm_solver_tables(
     last = tf.cast(tf.shape(alphas_cumprod)[0] - 1, tf.float64)
     grid = tf.round(tf.linspace(tf.constant(0.0, tf.float64), last, steps + 1))
     timesteps = tf.cast(tf.reverse(grid, [0])[:-1], tf.int32)
+    return timesteps, dpm_solver_rows(alphas_cumprod, timesteps, stochastic)
+
+
+def dpm_solver_rows(alphas_cumprod: tf.Tensor, timesteps: tf.Tensor, stochastic: bool | tf.Tensor = False):
+    """DPM-Solver++(2M)'s seven coefficient rows [S] float64 for any decreasing ``timesteps``
+    (first order at the first and the last step, which goes to sigma = 0)."""
     abar = tf.gather(alphas_cumprod, timesteps)
     alpha, sigma = tf.sqrt(abar), tf.sqrt(1.0 - abar)
     alpha_next = tf.concat([alpha[1:], tf.ones([1], tf.float64)], 0)
@@ -255,7 +299,7 @@ def dpm_solver_tables(
         noise,
         -weight * half_over_r,  # coef_x0_prev: m1
     ]
-    return timesteps, rows
+    return rows
 
 
 def _check_steps(name: str, most: int, steps: int) -> None:
@@ -271,11 +315,20 @@ def make_plan(
     eta: float | None = None,
     variance: str | None = None,
     clip_x0: bool | str = False,
+    start_t: int | None = None,
 ) -> SamplingPlan:
     """The plan for ``sampler``: 'ddpm' over all T steps (``variance``, default 'beta_tilde'),
     'ddim' over ``steps`` (default 50) with ``eta`` (default 0), or 'dpm++2m' / 'dpm++2m_sde'
     (DPM-Solver++(2M), ODE or SDE) over ``steps`` (default 20). An option the sampler does not
-    take is an error rather than silently ignored."""
+    take is an error rather than silently ignored. start_t: start the reverse process at that
+    timestep from a given x_t, with the sampler's steps below it (``started_at``)."""
+    plan = _plan(schedule, sampler, steps, eta, variance, clip_x0)
+    if start_t is None:
+        return plan
+    return started_at(plan, schedule, int(start_t), sampler, 0.0 if eta is None else float(eta))
+
+
+def _plan(schedule, sampler, steps, eta, variance, clip_x0) -> SamplingPlan:
     if sampler not in SAMPLERS:
         raise KddpmError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1):
