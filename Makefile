@@ -22,11 +22,11 @@ demo: $(CORE)
 	$(BIN)/kddpm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(DEV)
-	$(BIN)/ruff check kddpm tests benchmarks export
-	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check kddpm tests benchmarks export tools
+	$(BIN)/python -m pytest -q --durations=20
 
 lint: $(DEV)
-	$(BIN)/ruff check kddpm tests benchmarks export
+	$(BIN)/ruff check kddpm tests benchmarks export tools
 
 bench: $(CORE)
 	$(BIN)/python benchmarks/bench_train_and_sample.py

@@ -38,7 +38,8 @@ else:
     strategy = tf.distribute.get_strategy()
 import numpy as np
 from kddpm.presets import PRESETS
-from kddpm.training import Throughput, create_model, make_optimizer, set_precision
+from kddpm.callbacks import Throughput
+from kddpm.training import create_model, make_optimizer, set_precision
 
 set_precision("bfloat16" if mode == "bfloat16" else "off")
 preset = PRESETS[preset_name]

@@ -25,10 +25,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kddpm.callbacks import Throughput
 from kddpm.presets import PRESETS
 from kddpm.sampling import XLA_CPU_MAX_BATCH, Sampler, ddim_plan
 from kddpm.schedule import NoiseSchedule
-from kddpm.training import Throughput, create_model, make_optimizer
+from kddpm.training import create_model, make_optimizer
 
 SCHEDULE = NoiseSchedule.linear()
 

@@ -3,12 +3,17 @@
 
     pip install numpy onnxruntime
     python onnx_sample.py --model exported/kddpm.onnx --num 16 --out grid.png   # DPM-Solver++(2M), 20 steps
+    python onnx_sample.py --model exported/kddpm.onnx --input photos/ --strength 0.5 --out edited.png
+    python onnx_sample.py --model exported/kddpm.onnx --input photos/ --mask lower_half.png --out filled.png
+
+(editing reads image files with Pillow: ``pip install pillow``; the edits are in onnx_edit.py).
 
 The network is the ONNX file; the reverse process (DPM-Solver++(2M) by default, DDIM, or the
-paper's Algorithm 2) runs here in numpy, with the noise schedule read from the file's ``metadata_props``. This file is
-self-contained so that it can be copied onto a serving machine on its own: it repeats, in
-numpy, the schedule and sampler formulas of ``kddpm.schedule`` and ``kddpm.sampling`` (the
-test suite checks that both give the same images from the same noise).
+paper's Algorithm 2) runs here in numpy, with the noise schedule read from the file's
+``metadata_props``. The ``export/`` folder is self-contained so that it can be copied onto a
+serving machine on its own: it repeats, in numpy, the schedule and sampler formulas of
+``kddpm.schedule`` and ``kddpm.sampling`` (the test suite checks that both give the same images
+from the same noise).
 """
 
 from __future__ import annotations
@@ -16,26 +21,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
-import time
-import zlib
 from pathlib import Path
 
 import numpy as np
+from client import (  # noqa: F401 (the defaults are this script's too)
+    DEFAULT_GUIDANCE,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    DYNAMIC_THRESHOLD_QUANTILE,
+    SAMPLERS,
+    KddpmOnnxError,
+    Progress,
+    add_class_arguments,
+    add_clip_arguments,
+    class_index,
+    class_rows,
+    to_uint8,
+    write_png,
+)
 from grid import image_grid  # a copy of kddpm/grid.py (a test keeps them identical): every kddpm grid alike
-
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m_sde")
-# kddpm's defaults (kddpm/defaults.py; a test keeps them equal).
-DEFAULT_SAMPLER = "dpm++2m"
-DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
-DEFAULT_GUIDANCE = 1.0
-DYNAMIC_THRESHOLD_QUANTILE = 0.995
-
-
-class KddpmOnnxError(ValueError):
-    """Bad input: the message names the problem and the fix."""
-
 
 # --- The schedule, from metadata ---------------------------------------------------------------
 
@@ -91,6 +96,7 @@ def plan(
     steps: int | None = None,
     eta: float = 0.0,
     variance: str = "beta_tilde",
+    start_t: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(timesteps [S], x0 coefficients a [S], coefficients (b, c) of (x_t, eps) [S, 2], sigma [S],
     coefficients d of the previous step's x0_hat [S]).
@@ -98,33 +104,35 @@ def plan(
     Each step computes x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), optionally clips
     it, and returns x_prev = a * x0_hat + b * x_t + c * eps + d * x0_hat_before + sigma * z.
     No sampler weighs the raw eps once x0_hat is known (c = 0): each continues from x0_hat,
-    so a clipped x0_hat is followed consistently.
+    so a clipped x0_hat is followed consistently. start_t: start at that timestep from a given
+    x_t, with the sampler's timesteps below it (img2img).
     """
     timesteps_total = len(betas)
-    alphas = 1.0 - betas
-    abar = np.cumprod(alphas)
+    abar = np.cumprod(1.0 - betas)
     if sampler == "ddpm":
         if steps not in (None, timesteps_total):
             raise KddpmOnnxError(f"DDPM takes all T={timesteps_total} steps; use --sampler ddim for {steps} steps.")
         taus = np.arange(timesteps_total - 1, -1, -1)
-        abar_prev = np.append(1.0, abar[:-1])[taus]
-        # Posterior mean of q(x_{t-1} | x_t, x0): coefficients of x0 and x_t (ddpm.md).
-        a = np.sqrt(abar_prev) * betas[taus] / (1.0 - abar[taus])
-        b = np.sqrt(alphas[taus]) * (1.0 - abar_prev) / (1.0 - abar[taus])
-        c = np.zeros_like(a)
-        if variance == "beta_tilde":
-            sigma2 = betas[taus] * (1.0 - abar_prev) / (1.0 - abar[taus])
-        elif variance == "beta":
-            sigma2 = betas[taus].copy()
-        else:
-            raise KddpmOnnxError(f"Unknown variance {variance!r}; use 'beta_tilde' or 'beta'.")
-        sigma2[-1] = 0.0  # the last step returns the mean
-        return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2), np.zeros_like(a)
-    if sampler == "ddim":
+    elif sampler == "ddim":
         steps = DEFAULT_STEPS["ddim"] if steps is None else int(steps)
         if not 1 <= steps <= timesteps_total:
             raise KddpmOnnxError(f"DDIM steps must be between 1 and T={timesteps_total}, got {steps}.")
         taus = np.round(np.linspace(timesteps_total - 1, 0, steps)).astype(np.int64)
+    elif sampler in ("dpm++2m", "dpm++2m_sde"):
+        steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
+        if not 1 <= steps < timesteps_total:
+            # At steps = T the grid's T + 1 points share T integers: a timestep would repeat.
+            raise KddpmOnnxError(f"DPM-Solver++ steps must be between 1 and T-1={timesteps_total - 1}, got {steps}.")
+        taus = np.linspace(0, timesteps_total - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+    else:
+        raise KddpmOnnxError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+    if start_t is not None:
+        if not 0 <= start_t < timesteps_total:
+            raise KddpmOnnxError(f"start_t must lie in [0, {timesteps_total}), got {start_t}.")
+        taus = np.concatenate([[start_t], taus[taus < start_t]]).astype(np.int64)
+    if sampler == "ddpm":
+        return _ddpm_rows(betas, taus, variance)
+    if sampler == "ddim":
         abar_t = abar[taus]
         abar_prev = np.append(abar[taus[1:]], 1.0)
         sigma = eta * np.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * np.sqrt(1.0 - abar_t / abar_prev)
@@ -134,19 +142,32 @@ def plan(
         a = np.sqrt(abar_prev) - direction * np.sqrt(abar_t / (1.0 - abar_t))
         b = direction / np.sqrt(1.0 - abar_t)
         return taus, a, np.stack([b, np.zeros_like(a)], axis=1), sigma, np.zeros_like(a)
-    if sampler in ("dpm++2m", "dpm++2m_sde"):
-        return _dpm_solver_plan(abar, DEFAULT_STEPS[sampler] if steps is None else int(steps), sampler == "dpm++2m_sde")
-    raise KddpmOnnxError(f"Unknown sampler {sampler!r}; use one of {SAMPLERS}.")
+    return _dpm_solver_rows(abar, taus, sampler == "dpm++2m_sde")
 
 
-def _dpm_solver_plan(abar: np.ndarray, steps: int, stochastic: bool):
-    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults: timesteps round(linspace(0, T-1,
-    steps+1)) reversed without the last, first order at the first and last step (to sigma 0),
-    second order (midpoint) between; ``stochastic``: the SDE variant."""
-    if not 1 <= steps < len(abar):
-        # At steps = T the grid's T + 1 points share T integers: a timestep would repeat.
-        raise KddpmOnnxError(f"DPM-Solver++ steps must be between 1 and T-1={len(abar) - 1}, got {steps}.")
-    taus = np.linspace(0, len(abar) - 1, steps + 1).round()[::-1][:-1].astype(np.int64)
+def _ddpm_rows(betas: np.ndarray, taus: np.ndarray, variance: str):
+    """Algorithm 2's rows at the consecutive timesteps ``taus`` (down to 0)."""
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])[taus]
+    # Posterior mean of q(x_{t-1} | x_t, x0): coefficients of x0 and x_t (ddpm.md).
+    a = np.sqrt(abar_prev) * betas[taus] / (1.0 - abar[taus])
+    b = np.sqrt(alphas[taus]) * (1.0 - abar_prev) / (1.0 - abar[taus])
+    c = np.zeros_like(a)
+    if variance == "beta_tilde":
+        sigma2 = betas[taus] * (1.0 - abar_prev) / (1.0 - abar[taus])
+    elif variance == "beta":
+        sigma2 = betas[taus].copy()
+    else:
+        raise KddpmOnnxError(f"Unknown variance {variance!r}; use 'beta_tilde' or 'beta'.")
+    sigma2[-1] = 0.0  # the last step returns the mean
+    return taus, a, np.stack([b, c], axis=1), np.sqrt(sigma2), np.zeros_like(a)
+
+
+def _dpm_solver_rows(abar: np.ndarray, taus: np.ndarray, stochastic: bool):
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults over the decreasing ``taus``
+    (round(linspace(0, T-1, steps+1)) reversed without the last): first order at the first and
+    last step (to sigma 0), second order (midpoint) between; ``stochastic``: the SDE variant."""
     alpha, sigma = np.sqrt(abar[taus]), np.sqrt(1.0 - abar[taus])
     alpha_next, sigma_next = np.append(alpha[1:], 1.0), np.append(sigma[1:], 0.0)
     lam = np.log(alpha / sigma)
@@ -191,6 +212,7 @@ def sample(
     labels: np.ndarray | None = None,
     guidance_scale: float = 0.0,
     progress: bool = False,
+    start_t: int | None = None,
 ) -> np.ndarray:
     """Runs the reverse process with the ONNX denoiser; returns x_0 [B, H, W, C] float32.
 
@@ -199,13 +221,14 @@ def sample(
     the model's own settings (its metadata). Class-conditional models: labels [B] in [0, K]
     (K: unconditional; default all K) and classifier-free guidance w = guidance_scale:
     eps = (1 + w) eps(x_t, t, c) - w eps(x_t, t, K), one session run on the doubled batch.
-    progress: count the steps on stderr.
+    progress: count the steps on stderr. start_t: x_T is x_t at that timestep; the sampler's
+    steps below it run (``plan``).
     """
     metadata = read_metadata(session)
     variance = metadata["variance"] if variance is None else variance
     clip_x0 = metadata["clip_x0"] if clip_x0 is None else clip_x0
     betas = betas_of(metadata["schedule"])
-    taus, coef_x0, coef_xt_eps, sigma, coef_x0_prev = plan(betas, sampler, steps, eta, variance)
+    taus, coef_x0, coef_xt_eps, sigma, coef_x0_prev = plan(betas, sampler, steps, eta, variance, start_t)
     abar = np.cumprod(1.0 - betas)
     rng = np.random.default_rng(seed)
     if x_T is None:
@@ -237,24 +260,6 @@ def sample(
     return x.astype(np.float32)
 
 
-class Progress:
-    """A step counter on stderr: redrawn in place on a terminal, a line at each tenth otherwise."""
-
-    def __init__(self, total: int):
-        self.total, self.started, self.shown = total, time.perf_counter(), -1
-
-    def update(self, done: int) -> None:
-        elapsed = time.perf_counter() - self.started
-        text = f"step {done}/{self.total}, {elapsed:.0f} s"
-        if sys.stderr.isatty():
-            filled = round(30 * done / self.total)
-            print(f"\r[{'=' * filled}{' ' * (30 - filled)}] {text}", end="\n" if done == self.total else "",
-                  file=sys.stderr, flush=True)  # fmt: skip
-        elif done * 10 // self.total > self.shown:
-            self.shown = done * 10 // self.total
-            print(text, file=sys.stderr, flush=True)
-
-
 def _eps_function(session, metadata: dict, labels, guidance_scale: float, batch: int):
     """eps(x_t, t) of the session, conditioned and guided for a class-conditional model."""
     classes = metadata["num_classes"]
@@ -280,48 +285,6 @@ def _eps_function(session, metadata: dict, labels, guidance_scale: float, batch:
     return guided
 
 
-def class_index(metadata: dict, name_or_index: str) -> int:
-    """A class given by name (case-insensitive) or index, checked against the model's classes
-    (``metadata``: ``num_classes`` and ``class_names``, as ``read_metadata`` gives them)."""
-    classes, names = metadata["num_classes"], metadata["class_names"]
-    if not classes:
-        raise KddpmOnnxError("This model is unconditional; --class needs a class-conditional model.")
-    if name_or_index.strip().isdigit():
-        index = int(name_or_index)
-        if index > classes:
-            raise KddpmOnnxError(f"Class {index} is outside [0, {classes - 1}] ({classes}: unconditional).")
-        return index
-    folded = {name.lower(): i for i, name in enumerate(names)}
-    if name_or_index.lower() not in folded:
-        raise KddpmOnnxError(f"Unknown class {name_or_index!r}; this model's classes are {', '.join(names)}.")
-    return folded[name_or_index.lower()]
-
-
-# --- Output ----------------------------------------------------------------------------------
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8 0..255."""
-    return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-
-
-def write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Writes a uint8 [H, W, 1|3] image as an 8-bit PNG (zlib only, so no imaging library)."""
-    height, width, channels = image.shape
-    color_type = {1: 0, 3: 2, 4: 6}[channels]
-    raw = b"".join(b"\x00" + image[row].tobytes() for row in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    path = Path(path)
-    path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    )
-    return path
-
-
 def open_session(model: str | Path):
     """An ONNX Runtime session for ``model``, with clear errors for a missing or broken file."""
     import onnxruntime
@@ -342,52 +305,6 @@ def open_session(model: str | Path):
         raise KddpmOnnxError(f"Cannot load {model} ({str(error).splitlines()[0][:200]}); export it again.") from None
 
 
-def add_class_arguments(parser: argparse.ArgumentParser) -> None:
-    """--class and --guidance, as both deployment clients take them."""
-    parser.add_argument(
-        "--class",
-        dest="classes",
-        action="append",
-        metavar="NAME_OR_INDEX",
-        help="class-conditional models: draw this class; repeat for several (one row each, --num images in all)",
-    )
-    parser.add_argument(
-        "--guidance",
-        type=float,
-        default=DEFAULT_GUIDANCE,
-        help=f"guidance scale w with --class (default {DEFAULT_GUIDANCE})",
-    )
-
-
-def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
-    """--clip-x0 [dynamic] and --no-clip-x0 (default: the model's own setting), as kddpm sample takes them."""
-
-    def mode(text: str):
-        if text in ("on", "dynamic"):
-            return True if text == "on" else "dynamic"
-        raise argparse.ArgumentTypeError(f"--clip-x0 takes no value, 'on' or 'dynamic', not {text!r}")
-
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--clip-x0",
-        nargs="?",
-        const=True,
-        type=mode,
-        metavar="dynamic",
-        help="clip the predicted x0 to [-1, 1] at each step; --clip-x0 dynamic: dynamic thresholding "
-        "(default: the model's own setting)",
-    )
-    group.add_argument("--no-clip-x0", dest="clip_x0", action="store_const", const=False, help="do not clip x0")
-
-
-def class_rows(indices: list[int], num: int) -> tuple[np.ndarray, int | None]:
-    """(labels, images per row): one class for all ``num`` images, or one row per class."""
-    if len(indices) == 1:
-        return np.full(num, indices[0], np.int32), None
-    per_row = max(1, num // len(indices))
-    return np.repeat(np.asarray(indices, np.int32), per_row), per_row
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Sample a PNG grid from a kddpm ONNX denoiser (numpy + onnxruntime).")
     parser.add_argument("--model", required=True, help="the .onnx file written by `kddpm export`")
@@ -400,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_clip_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of numpy's generator (default 0)")
     add_class_arguments(parser)
+    parser.add_argument(
+        "--input", nargs="+", help="edit these image files or folders (with --strength or --mask) instead of sampling"
+    )
+    parser.add_argument("--strength", type=float, help="with --input: img2img (SDEdit) strength in (0, 1]")
+    parser.add_argument("--mask", help="with --input: RePaint-inpaint where this mask image is white")
     parser.add_argument("--out", default="onnx_samples.png", help="PNG grid to write (default onnx_samples.png)")
     parser.add_argument(
         "--grid-scale", type=int, help="enlarge each image this many times (default: a grid >= 512 px wide; 1: raw)"
@@ -413,32 +335,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.grid_scale is not None and args.grid_scale < 1:
             raise KddpmOnnxError(f"--grid-scale must be a positive integer, got {args.grid_scale}.")
+        if (args.strength is not None or args.mask) and not args.input:
+            raise KddpmOnnxError("--strength and --mask edit images: give them with --input FILE_OR_FOLDER.")
+        if args.input and (args.strength is None) == (args.mask is None):
+            raise KddpmOnnxError("--input takes one edit: --strength S (img2img) or --mask MASK.png (inpainting).")
         session = open_session(args.model)
         labels, columns, guidance = None, None, 0.0
+        metadata = read_metadata(session)
+        if args.input:
+            import onnx_edit  # needs Pillow, for reading image files
+
+            inputs = onnx_edit.read_images(args.input, metadata["image_shape"])
+            args.num = len(inputs)
         if args.classes:
-            metadata = read_metadata(session)
+            if args.input and len(args.classes) > 1:
+                raise KddpmOnnxError("Editing takes one --class for all the --input images.")
             labels, columns = class_rows([class_index(metadata, name) for name in args.classes], args.num)
             guidance = args.guidance
         num = args.num if labels is None else len(labels)
-        images = sample(
-            session,
-            num,
-            args.sampler,
-            args.steps,
-            args.eta,
-            clip_x0=args.clip_x0,
-            seed=args.seed,
-            labels=labels,
-            guidance_scale=guidance,
-            progress=True,
-        )
+        common = {"seed": args.seed, "labels": labels, "guidance_scale": guidance, "clip_x0": args.clip_x0}
+        if args.input and args.strength is not None:
+            images = onnx_edit.img2img(
+                session, inputs, args.strength, args.sampler, args.steps, progress=True, **common
+            )
+        elif args.input:
+            mask = onnx_edit.read_mask(args.mask, len(inputs), *metadata["image_shape"][:2])
+            images = onnx_edit.inpaint(session, inputs, mask, progress=True, **common)
+        else:
+            images = sample(session, num, args.sampler, args.steps, args.eta, progress=True, **common)
         path = write_png(args.out, image_grid(to_uint8(images), columns=columns, scale=args.grid_scale))
     except KddpmOnnxError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Samples: {path}")
+    print(f"{'Edited images' if args.input else 'Samples'}: {path}")
     return 0
 
 
 if __name__ == "__main__":
+    sys.modules["onnx_sample"] = sys.modules[__name__]  # onnx_edit's imports see this module's classes
     sys.exit(main())

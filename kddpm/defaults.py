@@ -14,6 +14,11 @@ DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = {"ddim": 50, "dpm++2m": 20, "dpm++2m_sde": 20}
 # Classifier-free guidance scale w for class-conditional models, wherever labels are given without one.
 DEFAULT_GUIDANCE = 1.0
+# RePaint inpainting: reverse strides over T, and every JUMP_LENGTH-th stride JUMP_N_SAMPLE - 1
+# jumps back up (Lugmayr et al. 2022's settings, as diffusers' RePaint pipeline defaults them).
+REPAINT_STEPS = 250
+REPAINT_JUMP_LENGTH = 10
+REPAINT_JUMP_N_SAMPLE = 10
 # clip_x0: off, clip the predicted x0 to [-1, 1], or dynamic thresholding (Saharia et al. 2022).
 CLIP_MODES = (False, True, "dynamic")
 # Dynamic thresholding's quantile of |x0_hat| per image (diffusers' dynamic_thresholding_ratio).

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from kddpm.defaults import DEFAULT_SAMPLER
+from kddpm.defaults import DEFAULT_SAMPLER, REPAINT_JUMP_LENGTH, REPAINT_JUMP_N_SAMPLE, REPAINT_STEPS
 from kddpm.errors import KddpmError
 from kddpm.sampling import initial_noise
 from kddpm.sampling.edits import inversion_plan, repaint_plan
@@ -68,9 +68,9 @@ def inpaint(
     images,
     mask,
     *,
-    steps: int = 250,
-    jump_length: int = 10,
-    jump_n_sample: int = 10,
+    steps: int | None = None,
+    jump_length: int = REPAINT_JUMP_LENGTH,
+    jump_n_sample: int = REPAINT_JUMP_N_SAMPLE,
     seed: int = 0,
     labels=None,
     guidance_scale: float | None = None,
@@ -83,9 +83,9 @@ def inpaint(
     mask: [N, H, W] or [N, H, W, 1] (or one [H, W]), 1 (white) = fill, 0 = keep, as image
     editors and diffusers' inpainting pipelines use it; RePaint's own code and diffusers'
     RePaintPipeline use the opposite (1 = keep). steps: reverse strides over T (T // steps
-    timesteps each); every jump_length-th stride the process goes back up jump_length strides
-    and down again, jump_n_sample - 1 times (``kddpm.sampling.edits``); jump_n_sample = 1 is
-    plain replacement. Returns [N, H, W, C] float32 in [-1, 1].
+    timesteps each; default 250, or T if smaller); every jump_length-th stride the process goes
+    back up jump_length strides and down again, jump_n_sample - 1 times
+    (``kddpm.sampling.edits``); jump_n_sample = 1 is plain replacement. Returns [N, H, W, C] float32 in [-1, 1].
     """
     known = model._images_array(images, "images")
     fill = np.asarray(mask, np.float32)
@@ -99,6 +99,7 @@ def inpaint(
         )
     if not np.isin(fill, (0.0, 1.0)).all():
         raise KddpmError("mask values must be 0 (keep) or 1 (fill); threshold a soft mask first.")
+    steps = min(REPAINT_STEPS, model.schedule.timesteps) if steps is None else steps
     plan = repaint_plan(
         model.schedule, steps, jump_length, jump_n_sample, model.clip_x0 if clip_x0 is None else clip_x0
     )

@@ -34,21 +34,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kddpm.defaults import DEFAULT_SAMPLER, DEFAULT_STEPS
 from kddpm.errors import KddpmError
 from kddpm.loading import load_diffusion_model
 from kddpm.model import DiffusionModel
 from kddpm.networks import network_with_precision
-from kddpm.sampling import (
-    Sampler,
-    check_clip_x0,
-    ddim_tables,
-    ddpm_plan,
-    dpm_solver_tables,
-    initial_noise,
-    to_uint8_tensor,
-)
-from kddpm.streams import seed_pair
+from kddpm.sampling import check_clip_x0
+from kddpm.serving import serving_archive
 
 FORMATS = ("saved_model", "onnx", "all")
 DEFAULT_OPSET = 17
@@ -178,7 +169,7 @@ def _stage_saved_model(
     partial = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         network = exported_network(model)
-        _serving_archive(model, network, clip_x0).write_out(str(partial), verbose=False)
+        serving_archive(model, network, clip_x0).write_out(str(partial), verbose=False)
         max_abs_diff = _saved_model_parity(model, network, partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -200,156 +191,6 @@ def _saved_model_target(base_dir: Path, model_name: str, version: int | None) ->
     if final.exists():
         raise KddpmError(f"{final} already exists; give another --version or leave it out to use the next one.")
     return final
-
-
-def _serving_archive(model: DiffusionModel, network: keras.Model, clip_x0: bool) -> keras.export.ExportArchive:
-    height, width, channels = model.image_shape
-    timesteps = model.schedule.timesteps
-    classes = model.num_classes
-    sampler = Sampler(network, model.image_shape, num_classes=classes)
-    loop = sampler.loop(clip_x0, explicit_noise=False)
-    guided_loop = sampler.loop(clip_x0, explicit_noise=False, guided=True) if classes else None
-    ddpm = ddpm_plan(model.schedule, model.variance, clip_x0=clip_x0)
-    alphas_cumprod = model.schedule.alphas_cumprod
-
-    shape_text = ", ".join(map(str, model.image_shape))
-
-    def image_checks(images, name):
-        # Serving does not enforce a signature's shape, only its dtype; a wrong image size
-        # would otherwise fail deep inside the network with a message about a reshape.
-        return [
-            tf.debugging.assert_equal(
-                tf.shape(images)[1:], model.image_shape, message=f"{name} must be [B, {shape_text}]"
-            )
-        ]
-
-    def label_checks(labels, count, name):
-        message = f"{name} must be class indices in [0, {classes}] ({classes}: unconditional)"
-        return [
-            tf.debugging.assert_greater_equal(labels, 0, message=message),
-            tf.debugging.assert_less_equal(labels, classes, message=message),
-            tf.debugging.assert_equal(tf.size(labels), count, message=f"{name} must hold one class per image"),
-        ]
-
-    def denoise(x_t, t, label=None):
-        checks = [
-            *image_checks(x_t, "x_t"),
-            tf.debugging.assert_equal(tf.shape(t), tf.shape(x_t)[:1], message="t must be [B], one per image in x_t"),
-            tf.debugging.assert_greater_equal(t, 0, message=f"t must be in [0, {timesteps})"),
-            tf.debugging.assert_less(t, timesteps, message=f"t must be in [0, {timesteps})"),
-        ]
-        conditions = []
-        if classes:
-            checks += label_checks(label, tf.shape(x_t)[0], "label")
-            conditions = [label]
-        with tf.control_dependencies(checks):
-            return {"eps": tf.cast(network([x_t, t, *conditions], training=False), tf.float32)}
-
-    def plan(sampler_name, steps):
-        # "" and 0 stand for kddpm's defaults: TF Serving has no optional inputs.
-        sampler_name = tf.where(tf.equal(sampler_name, ""), DEFAULT_SAMPLER, sampler_name)
-        is_ddpm = tf.equal(sampler_name, "ddpm")
-        is_ddim = tf.equal(sampler_name, "ddim")
-        is_dpm = tf.equal(sampler_name, "dpm++2m")
-        is_dpm_sde = tf.equal(sampler_name, "dpm++2m_sde")
-        asked = steps
-        default_steps = tf.where(is_ddim, DEFAULT_STEPS["ddim"], DEFAULT_STEPS["dpm++2m"])
-        steps = tf.where(tf.equal(steps, 0), default_steps, steps)
-        known = tf.reduce_any(tf.stack([is_ddpm, is_ddim, is_dpm, is_dpm_sde]))
-        checks = [
-            tf.debugging.Assert(known, ["sampler must be ddpm, ddim, dpm++2m or dpm++2m_sde, got", sampler_name]),
-            tf.debugging.Assert(
-                tf.logical_or(~is_ddpm, tf.equal(asked, 0) | tf.equal(asked, timesteps)),
-                [f"DDPM takes all {timesteps} steps; send steps 0 (or {timesteps}), or sampler ddim or dpm++2m"],
-            ),
-            tf.debugging.Assert(
-                tf.logical_or(~is_ddim, (steps >= 1) & (steps <= timesteps)),
-                [f"DDIM steps must be in [1, {timesteps}], got", steps],
-            ),
-            tf.debugging.Assert(
-                tf.logical_or(~(is_dpm | is_dpm_sde), (steps >= 1) & (steps < timesteps)),
-                [f"DPM-Solver++ steps must be in [1, {timesteps - 1}], got", steps],
-            ),
-        ]
-        with tf.control_dependencies(checks):
-
-            def stacked(tables):
-                plan_timesteps, rows = tables
-                return plan_timesteps, tf.cast(tf.stack(rows, axis=1), tf.float32)
-
-            def ddim():
-                return stacked(ddim_tables(tf.constant(alphas_cumprod), steps, 0.0, clip_x0))
-
-            def dpm_solver():
-                return stacked(dpm_solver_tables(tf.constant(alphas_cumprod), steps, clip_x0, is_dpm_sde))
-
-            return tf.case(
-                [
-                    (is_ddpm, lambda: (tf.constant(ddpm.timesteps, tf.int32), tf.constant(ddpm.coefficients()))),
-                    (is_ddim, ddim),
-                ],
-                default=dpm_solver,
-            )
-
-    def run(x_T, seed, sampler_name, steps, labels=None, guidance_scale=None):
-        # Row-format requests send every input once per instance; the first one is used
-        # (but for labels: one per image).
-        key = seed_pair(seed[0])
-        plan_timesteps, coefficients = plan(sampler_name[0], steps[0])
-        stop = tf.shape(plan_timesteps)[0]
-        args = (x_T, tf.zeros_like(x_T), key, tf.constant(0), plan_timesteps, coefficients, tf.constant(0), stop)
-        if not classes:
-            return {"images": to_uint8_tensor(loop(*args)[0])}
-        w = guidance_scale[0]
-        checks = [
-            *label_checks(labels, tf.shape(x_T)[0], "labels"),
-            tf.debugging.assert_greater_equal(w, 0.0, message="guidance_scale must be >= 0"),
-            tf.debugging.assert_all_finite(w, message="guidance_scale must be finite"),
-        ]
-        with tf.control_dependencies(checks):
-            # w = 0 runs the network once per step on the batch; w > 0 once on the doubled batch.
-            x_0 = tf.cond(tf.equal(w, 0.0), lambda: loop(*args, labels, w)[0], lambda: guided_loop(*args, labels, w)[0])
-        return {"images": to_uint8_tensor(x_0)}
-
-    def sample(num_images, seed, sampler, steps, *condition):
-        count = num_images[0]
-        with tf.control_dependencies([tf.debugging.assert_positive(count, message="num_images must be >= 1")]):
-            x_T = initial_noise(seed_pair(seed[0]), 0, count, model.image_shape)
-        return run(x_T, seed, sampler, steps, *condition)
-
-    def sample_from_noise(x_T, seed, sampler, steps, *condition):
-        with tf.control_dependencies(image_checks(x_T, "x_T")):
-            return run(tf.identity(x_T), seed, sampler, steps, *condition)
-
-    def class_names(index):
-        return {"names": tf.constant(model.class_names or [str(c) for c in range(classes)])}
-
-    image = tf.TensorSpec([None, height, width, channels], tf.float32, name="x_t")
-    options = [
-        tf.TensorSpec([None], tf.int64, name="seed"),
-        tf.TensorSpec([None], tf.string, name="sampler"),
-        tf.TensorSpec([None], tf.int32, name="steps"),
-    ]
-    denoise_inputs = [image, tf.TensorSpec([None], tf.int32, name="t")]
-    if classes:
-        denoise_inputs.append(tf.TensorSpec([None], tf.int32, name="label"))
-        options += [
-            tf.TensorSpec([None], tf.int32, name="labels"),
-            tf.TensorSpec([None], tf.float32, name="guidance_scale"),
-        ]
-    archive = keras.export.ExportArchive()
-    archive.track(network)
-    archive.add_endpoint("serving_default", denoise, denoise_inputs)
-    archive.add_endpoint("sample", sample, [tf.TensorSpec([None], tf.int32, name="num_images"), *options])
-    archive.add_endpoint(
-        "sample_from_noise",
-        sample_from_noise,
-        [tf.TensorSpec([None, height, width, channels], tf.float32, name="x_T"), *options],
-    )
-    if classes:
-        # The class names, so that a client can ask for classes by name (the input is ignored).
-        archive.add_endpoint("class_names", class_names, [tf.TensorSpec([None], tf.int32, name="index")])
-    return archive
 
 
 def _saved_model_parity(model: DiffusionModel, network: keras.Model, path: Path) -> float:

@@ -1,36 +1,16 @@
 """The kddpm command line, run as a user runs it."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-
-ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-
-
-def kddpm(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "kddpm.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env=ENV,
-    )
+from conftest import kddpm_command as kddpm
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    done = kddpm(
-        "train", "--preset", "tiny", "--steps", "4", "--steps-per-epoch", "2", "--grid-every", "1", "--out", out
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run
 
 
 @pytest.mark.slow
@@ -192,15 +172,9 @@ def test_export_command_writes_both_formats_quietly(run_dir, tmp_path):
 # --- Class-conditional runs -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "conditional"
-    done = kddpm(
-        "train", "--preset", "tiny", "--conditional", "--label-dropout", "0.2", "--steps", "2", "--steps-per-epoch",
-        "2", "--out", out,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, done
+@pytest.fixture
+def conditional_run(tiny_conditional_run):
+    return tiny_conditional_run
 
 
 @pytest.mark.slow

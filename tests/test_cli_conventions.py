@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import tomllib
 
+from kddpm.callbacks import read_backup_state
 from kddpm.presets import PRESETS
-from kddpm.training import create_model, read_backup_state
+from kddpm.training import create_model
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -56,11 +57,9 @@ def option_strings(parser):
     return {flag for action in parser._actions for flag in action.option_strings}
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("conventions") / "tiny.keras"
-    create_model(PRESETS["tiny"], seed=0).save(path)
-    return path
+@pytest.fixture
+def tiny_model(tiny_run):
+    return tiny_run[0] / "model.keras"
 
 
 @pytest.fixture

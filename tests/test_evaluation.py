@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kddpm.data import FASHION_MNIST_CLASSES
+from kddpm.callbacks import EvaluateEvery
+from kddpm.defaults import DEFAULT_GUIDANCE
 from kddpm.evaluation import _label_counts, evaluate, parse_metrics
 from kddpm.presets import PRESETS
-from kddpm.training import EvaluateEvery, create_model, make_optimizer
+from kddpm.training import create_model, make_optimizer
 
 
 def kddpm(*args, env=None):
@@ -26,25 +27,14 @@ def kddpm(*args, env=None):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_model_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("evaluate") / "model.keras"
-    model = create_model(PRESETS["tiny"], seed=0)
-    model.compile(optimizer=make_optimizer(1e-3))
-    model.fit(np.zeros((16, 28, 28, 1), np.float32) - 1, batch_size=8, epochs=1, verbose=0)
-    model.save(path)
-    return path
+@pytest.fixture
+def tiny_model_file(tiny_run):
+    return tiny_run[0] / "model.keras"
 
 
-@pytest.fixture(scope="module")
-def tiny_conditional_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("evaluate-conditional") / "model.keras"
-    model = create_model(PRESETS["tiny"], seed=0, class_names=list(FASHION_MNIST_CLASSES))
-    model.compile(optimizer=make_optimizer(1e-3))
-    images = np.zeros((16, 28, 28, 1), np.float32) - 1
-    model.fit(images, np.arange(16, dtype=np.int32) % 10, batch_size=8, epochs=1, verbose=0)
-    model.save(path)
-    return path
+@pytest.fixture
+def tiny_conditional_file(tiny_conditional_run):
+    return tiny_conditional_run[0] / "model.keras"
 
 
 @pytest.mark.slow
@@ -111,12 +101,12 @@ def test_a_conditional_model_is_evaluated_with_labels_through_the_command_line(t
     assert done.returncode == 0, done.stderr[-3000:]
     for label in ("FID", "KID", "precision / recall", "bits/dim (beta_tilde)"):
         assert label in done.stdout
-    assert "labels reference, guidance 0.5" in done.stdout
+    assert f"labels reference, guidance {DEFAULT_GUIDANCE:g}" in done.stdout
     record = json.loads(out.read_text())
     settings = record["settings"]
     # Fashion-MNIST's test split has 1,000 images of each class: 40 samples are 4 a class.
     assert settings["labels"] == "reference" and settings["label_counts"] == [4] * 10
-    assert settings["guidance_scale"] == 0.5 and settings["bpd_labels"] == "true"
+    assert settings["guidance_scale"] == DEFAULT_GUIDANCE and settings["bpd_labels"] == "true"
     assert set(record["metrics"]) == {"fid", "kid", "pr", "bpd"}
     # The null label and the null bound are one flag each; they give other numbers.
     null = kddpm(
@@ -187,10 +177,12 @@ def test_trajectory_figure(tiny_model_file, tmp_path):
     # 2 images x (x_t, predicted x0) rows, 10 snapshots, 28-px tiles with 2-px gaps.
     assert grid.shape == (4 * 28 + 3 * 2, 10 * 28 + 9 * 2)
     model = keras.models.load_model(tiny_model_file)
-    shots = model.trajectory(2, seed=0, sampler="ddpm")
+    shots = model.trajectory(2, seed=0)  # the default sampler, as the command's figure
     assert shots[0][0] == 999 and shots[-1][0] == -1 and len(shots) == 10
     # The last snapshot is the sample itself, the same as sample() gives for the seed.
     np.testing.assert_allclose(np.clip(shots[-1][1], -1, 1), model.sample(2, seed=0), atol=1e-4)
+    ddpm = model.trajectory(2, seed=0, sampler="ddpm")
+    np.testing.assert_allclose(np.clip(ddpm[-1][1], -1, 1), model.sample(2, seed=0, sampler="ddpm"), atol=1e-4)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import pytest
 import tensorflow as tf
-from conftest import tiny_unet
+from conftest import EXPORT_CLASSES as CLASSES
+from conftest import EXPORT_SHAPE, EXPORT_T, tiny_unet
 
 import kddpm.export as export_module
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
@@ -27,37 +28,27 @@ from kddpm.export import export_model, export_saved_model
 from kddpm.sampling import Sampler, ddim_plan, ddpm_plan, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = (8, 8, 1)
-T = 40
+SHAPE = EXPORT_SHAPE
+T = EXPORT_T
 
 
 def load_onnx_sample():
     # As when the script runs: its folder (with grid.py) is on the path.
     if str(REPO / "export") not in sys.path:
         sys.path.append(str(REPO / "export"))
-    spec = importlib.util.spec_from_file_location("onnx_sample", REPO / "export" / "onnx_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import onnx_sample
+
+    return onnx_sample
 
 
-@pytest.fixture(scope="module")
-def model():
-    """A tiny model whose EMA weights are random and differ from its trained weights."""
-    keras.utils.set_random_seed(5)
-    model = DiffusionModel(tiny_unet(SHAPE), NoiseSchedule.linear(T))
-    rng = np.random.default_rng(5)
-    model.ema_denoiser.set_weights(
-        [rng.normal(0, 0.2, w.shape).astype(np.float32) for w in model.ema_denoiser.get_weights()]
-    )
-    return model
+@pytest.fixture
+def model(random_ema_model):
+    return random_ema_model
 
 
-@pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
-    base = tmp_path_factory.mktemp("exported")
-    results = export_model(model, base, "all")
-    return base, {r.format: r for r in results}
+@pytest.fixture
+def exported(random_ema_exported):
+    return random_ema_exported
 
 
 def run_python(code, env=None, timeout=300):
@@ -262,7 +253,7 @@ def test_a_failed_export_leaves_no_version_and_keeps_the_old_ones(model, tmp_pat
             Path(filepath, "saved_model.pb").write_bytes(b"half")
             raise OSError("disk full")
 
-    monkeypatch.setattr(export_module, "_serving_archive", lambda model, network, clip_x0: HalfWritten())
+    monkeypatch.setattr(export_module, "serving_archive", lambda *args, **kwargs: HalfWritten())
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(model, tmp_path)
     monkeypatch.undo()
@@ -539,6 +530,10 @@ import tensorflow as tf
 def predict(loaded, request):
     signature = loaded.signatures[request["signature_name"]]
     specs = signature.structured_input_signature[1]
+    if "instances" in request:  # the row format: one list per named input, stacked over instances
+        rows = request["instances"]
+        feeds = {name: tf.constant(np.array([r[name] for r in rows]), dtype=spec.dtype) for name, spec in specs.items()}
+        return {"predictions": next(iter(signature(**feeds).values())).numpy().tolist()}
     feeds = {name: tf.constant(np.array(request["inputs"][name]), dtype=spec.dtype) for name, spec in specs.items()}
     outputs = [value.numpy().tolist() for value in signature(**feeds).values()]
     return {"outputs": [v.decode() if isinstance(v, bytes) else v for v in outputs[0]]}
@@ -546,7 +541,7 @@ def predict(loaded, request):
 
 
 class ServingStandIn:
-    """A loopback stand-in for TF Serving's REST API (columnar requests) over a loaded SavedModel."""
+    """A loopback stand-in for TF Serving's REST API (row and columnar requests) over a loaded SavedModel."""
 
     def __init__(self, saved_model_path):
         namespace = {}
@@ -581,25 +576,14 @@ class ServingStandIn:
         self.server.shutdown()
 
 
-CLASSES = ["ring", "dot", "bar"]
+@pytest.fixture
+def conditional(random_conditional_model):
+    return random_conditional_model
 
 
-@pytest.fixture(scope="module")
-def conditional():
-    """A tiny 3-class model with random EMA weights, exported to both formats."""
-    network = tiny_unet(SHAPE, num_classes=3, seed=2)
-    model = DiffusionModel(network, NoiseSchedule.linear(T), num_classes=3, class_names=CLASSES)
-    weights = model.ema_denoiser.get_weights()
-    model.ema_denoiser.set_weights([np.random.default_rng(7).normal(0, 0.2, w.shape) for w in weights])
-    return model
-
-
-@pytest.fixture(scope="module")
-def conditional_exported(conditional, tmp_path_factory):
-    base = tmp_path_factory.mktemp("conditional")
-    results = {r.format: r for r in export_model(conditional, base, "all", model_name="cond")}
-    assert all(r.max_abs_diff <= 1e-4 for r in results.values())  # the parity checks cover the label
-    return results
+@pytest.fixture
+def conditional_exported(random_conditional_exported):
+    return random_conditional_exported
 
 
 def test_conditional_saved_model_signatures_take_labels_and_guidance(conditional, conditional_exported):

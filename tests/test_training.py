@@ -16,15 +16,8 @@ import tensorflow as tf
 from conftest import run_loopback_workers, tiny_unet
 
 from kddpm import DiffusionModel, KddpmError, NoiseSchedule
-from kddpm.training import (
-    StopOnNonFiniteLoss,
-    TrainingBackup,
-    is_chief,
-    make_optimizer,
-    make_strategy,
-    read_backup_state,
-    set_precision,
-)
+from kddpm.callbacks import StopOnNonFiniteLoss, TrainingBackup, read_backup_state
+from kddpm.training import is_chief, make_optimizer, make_strategy, set_precision
 
 IMAGES = np.random.default_rng(0).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
 
@@ -359,7 +352,7 @@ def test_cli_multiworker_on_loopback_only_the_chief_writes(tmp_path):
     for returncode, _, stderr in outputs:
         assert returncode == 0, stderr[-3000:]
     chief_out, worker_out = outputs[0][1], outputs[1][1]
-    assert "2 replica(s)" in chief_out
+    assert "2 replicas" in chief_out
     assert chief_out.strip().splitlines()[-1].startswith(f"Model: {run / 'model.keras'}")
     assert worker_out.strip().splitlines()[-1] == "Worker finished; the chief wrote the run."
     assert (run / "model.keras").is_file() and (run / "samples" / "final.png").is_file()

@@ -6,10 +6,10 @@ import argparse
 import sys
 import traceback
 
-from kddpm.cli import convert, evaluate, export, info, sample, train
+from kddpm.cli import convert, edit, evaluate, export, info, sample, train
 from kddpm.cli.common import verbose_flag
 
-VERBS = (train, sample, evaluate, export, convert, info)
+VERBS = (train, sample, edit, evaluate, export, convert, info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,9 +170,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import keras
 
-    from kddpm.data import distributed_dataset, image_source, load_dataset
-    from kddpm.presets import get_preset
-    from kddpm.training import (
+    from kddpm.callbacks import (
         EvaluateEvery,
         NonFiniteLossError,
         SampleGrid,
@@ -180,12 +178,16 @@ def run(args: argparse.Namespace) -> int:
         Throughput,
         TrainingBackup,
         TrainingClock,
+        read_backup_state,
+    )
+    from kddpm.data import distributed_dataset, image_source, load_dataset
+    from kddpm.presets import get_preset
+    from kddpm.training import (
         class_grid_labels,
         create_model,
         is_chief,
         make_optimizer,
         make_strategy,
-        read_backup_state,
         set_precision,
         write_grid,
     )
@@ -377,8 +379,8 @@ _SETTING_FLAGS = {
 
 def _check_resume_settings(stored: dict, current: dict, backup_dir: Path) -> None:
     """Refuses to resume a backup with a setting that would change the data order, the noise or the steps."""
+    from kddpm.callbacks import mismatched_settings
     from kddpm.errors import KddpmError
-    from kddpm.training import mismatched_settings
 
     mismatches = mismatched_settings(stored, current)
     if mismatches:

@@ -25,7 +25,7 @@ from kddpm.data.pipeline import (
     distributed_dataset,
     load_dataset,
 )
-from kddpm.data.sources import IMAGE_EXTENSIONS, ImageSource, image_source, inspect_image
+from kddpm.data.sources import IMAGE_EXTENSIONS, ImageSource, files_source, image_source, inspect_image
 
 __all__ = [
     "CACHE_BUDGET_BYTES",
@@ -37,6 +37,7 @@ __all__ = [
     "batch_records",
     "distributed_dataset",
     "fashion_mnist_dirs",
+    "files_source",
     "image_source",
     "inspect_image",
     "load_dataset",

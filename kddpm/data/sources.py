@@ -122,6 +122,31 @@ def folder_source(path: Path, channels: int | None = None, skip_bad_images: bool
     files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise KddpmError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {path}; check the folder.")
+    return _checked_files(files, path, channels, skip_bad_images)
+
+
+def files_source(paths, channels: int | None = None) -> ImageSource:
+    """Image files and folders of them, in the order given (a folder's files sorted), checked as a
+    folder's are; unlabelled. For the images a user edits (``kddpm img2img --input ...``)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not found:
+                raise KddpmError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {path}; check the folder.")
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise KddpmError(f"No image at {path}; give image files or folders of them.")
+    source = _checked_files(files, None, channels, False)
+    return dataclasses.replace(source, description=f"{len(files)} images", class_names=None)
+
+
+def _checked_files(files: list[str], path: Path | None, channels: int | None, skip_bad_images: bool) -> ImageSource:
+    """A source over ``files``, each checked from its header and end (see ``inspect_image``);
+    path: the folder they are in (labels are its sub-folders), or None (no labels)."""
+    where = str(path) if path else "the files given"
     # Headers and file endings only: cheap enough for hundreds of thousands of files.
     with ThreadPoolExecutor(max_workers=8) as pool:
         checked = list(pool.map(inspect_image, files, chunksize=256))
@@ -131,12 +156,12 @@ def folder_source(path: Path, channels: int | None = None, skip_bad_images: bool
         shown = "; ".join(f"{name}: {problem}" for name, problem in bad[:3]) + (" ..." if len(bad) > 3 else "")
         if not skip_bad_images:
             raise KddpmError(
-                f"{len(bad)} of {len(files)} images in {path} cannot be decoded ({shown}); replace or delete "
+                f"{len(bad)} of {len(files)} images in {where} cannot be decoded ({shown}); replace or delete "
                 "them, or leave them out with --skip-bad-images (load_dataset(..., skip_bad_images=True))."
             )
         keep = [index for index, (_, _, problem) in enumerate(checked) if not problem]
         if not keep:
-            raise KddpmError(f"None of the images in {path} can be decoded ({shown}); check the folder.")
+            raise KddpmError(f"None of the images in {where} can be decoded ({shown}); check the folder.")
         files, checked = [files[i] for i in keep], [checked[i] for i in keep]
         skipped = f", {len(bad)} undecodable {'file' if len(bad) == 1 else 'files'} skipped: {shown}"
     counts = [found for found, _, _ in checked]
@@ -148,12 +173,12 @@ def folder_source(path: Path, channels: int | None = None, skip_bad_images: bool
                 for k in kinds
             )
             raise KddpmError(
-                f"Images in {path} mix grey and colour ({examples}); choose one with --channels 1 or --channels 3 "
+                f"Images in {where} mix grey and colour ({examples}); choose one with --channels 1 or --channels 3 "
                 "(load_dataset(..., channels=...)), which converts them while reading."
             )
         channels = kinds[0]
     sizes = {size for _, size, _ in checked}
-    parents = [Path(name).parent.relative_to(path).as_posix() for name in files]
+    parents = [Path(name).parent.relative_to(path).as_posix() if path else "." for name in files]
     classes = sorted(set(parents))
     label_of = {name: index for index, name in enumerate(classes)}
     labels = np.array([label_of[parent] for parent in parents], np.int32)
