@@ -90,6 +90,7 @@ SNIPPETS['tf.saved_model.load("exported/kddpm/1")'] = {
     "prefix": "import sys\n",
 }
 
+
 def save_an_untrained_tiny_run(folder):
     """What the editing page's snippet loads: runs/demo/model.keras, a tiny 28x28 model."""
     from kddpm.presets import PRESETS
@@ -103,8 +104,10 @@ SNIPPETS["model.inpaint(photos, mask, seed=0)"] = {
     "setup": save_an_untrained_tiny_run,
     "replace": [
         ("strength=0.5, seed=0)", "strength=0.5, seed=0, steps=4)"),
-        ("model.inpaint(photos, mask, seed=0)",
-         "model.inpaint(photos, mask, seed=0, steps=10, jump_length=2, jump_n_sample=2)"),
+        (
+            "model.inpaint(photos, mask, seed=0)",
+            "model.inpaint(photos, mask, seed=0, steps=10, jump_length=2, jump_n_sample=2)",
+        ),
         ("model.invert(photos, steps=50)", "model.invert(photos, steps=4)"),
         ('sampler="ddim", steps=50, eta=0)', 'sampler="ddim", steps=4, eta=0)'),
         ("num=8, t=500)", "num=3, t=5)"),
