@@ -58,3 +58,13 @@ def test_conditional_notebook_executes(tmp_path, monkeypatch):
         assert (tmp_path / name).is_file(), name
     text = text_of(outputs)
     assert "'x_t', 't', 'label'" in text and "'Ankle boot'" in text
+
+
+@pytest.mark.slow
+def test_editing_notebook_executes(tmp_path, monkeypatch):
+    outputs = execute("editing.ipynb", tmp_path, monkeypatch, ("TINY = False", "TINY = True"))
+    for name in ("strength", "inpaint", "interpolation", "inversion"):
+        assert (tmp_path / f"editing_{name}.png").is_file(), name
+    text = text_of(outputs)
+    kept = float(text.split("largest change in the kept half:")[1].split()[0])
+    assert kept < 1e-5 and "reconstruction PSNR:" in text

@@ -49,9 +49,9 @@ SNIPPETS["callbacks = [EvaluateEvery"] = {
 }
 
 
-SNIPPETS['from_diffusers("ddpm-cifar10-32")'] = {
+SNIPPETS['from_diffusers("google/ddpm-cifar10-32")'] = {
     "replace": [
-        ('"ddpm-cifar10-32"', repr(str(ROOT / "tests" / "fixtures" / "diffusers" / "cifar_pipeline"))),
+        ('"google/ddpm-cifar10-32"', repr(str(ROOT / "tests" / "fixtures" / "diffusers" / "cifar_pipeline"))),
         ("steps=20", "steps=3"),
     ],
     "check": "import json; assert images.shape == (4, 32, 32, 3) and -1 <= images.min() and images.max() <= 1\n"

@@ -15,11 +15,13 @@ def add_parser(verbs, common) -> None:
         common,
         "convert",
         "convert a diffusers DDPM checkpoint to kddpm, or a kddpm model to diffusers",
-        "--from-diffusers SRC --out FILE.keras reads a diffusers pipeline or model folder (e.g. a download of "
-        "google/ddpm-cifar10-32); --to-diffusers --model RUN_OR_FILE --out DIR writes a DDPMPipeline folder (EMA "
+        "--from-diffusers SRC --out FILE.keras reads a diffusers pipeline or model folder, or a Hub id such as "
+        "google/ddpm-cifar10-32 (pip install 'kddpm[hub]'); --to-diffusers --model RUN_OR_FILE --out DIR writes "
+        "a DDPMPipeline folder (EMA "
         "weights, safetensors) that diffusers.DDPMPipeline.from_pretrained loads (docs/pretrained.md).",
         [
-            "kddpm convert --from-diffusers ddpm-cifar10-32/ --out cifar10.keras",
+            "kddpm convert --from-diffusers google/ddpm-cifar10-32 --out cifar10.keras",
+            "kddpm convert --from-diffusers ddpm-cifar10-32/ --out cifar10.keras   # a folder",
             "kddpm convert --to-diffusers --model runs/demo --out demo-diffusers/",
         ],
     )
@@ -27,7 +29,7 @@ def add_parser(verbs, common) -> None:
     direction.add_argument(
         "--from-diffusers",
         metavar="SRC",
-        help="a diffusers pipeline or UNet2DModel folder (this or --to-diffusers is required)",
+        help="a diffusers pipeline or UNet2DModel folder, or a Hub id (this or --to-diffusers is required)",
     )
     direction.add_argument("--to-diffusers", action="store_true", help="write --model in the diffusers format")
     convert.add_argument("--model", help="a run folder or .keras file (required with --to-diffusers)")
@@ -50,6 +52,9 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise KddpmError(f"--out {out} must end in .keras (a kddpm model file).")
         if out.exists() and not args.overwrite:
             raise KddpmError(f"{out} already exists; choose another --out or pass --overwrite.")
+        from kddpm.hub import check_hub_available
+
+        check_hub_available(args.from_diffusers)
     elif not args.model:
         raise KddpmError("--to-diffusers needs --model RUN_OR_FILE (a run folder or .keras file).")
     writable_output(out if args.from_diffusers else out.parent / f".{out.name}-check")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kddpm.errors import KddpmError
+from kddpm.hub import resolve_checkpoint
 from kddpm.interop.scheduler import diffusers_scheduler_config, schedule_from_config
 from kddpm.interop.unet import (
     DIFFUSERS_VERSION,
@@ -41,7 +42,9 @@ def from_diffusers(path: str | os.PathLike, log: Callable[[str], Any] | None = N
 
     path: a pipeline folder as ``DDPMPipeline.save_pretrained`` writes it (``model_index.json``,
     ``unet/``, ``scheduler/``) or a bare model folder (``config.json`` + weights, optional
-    ``scheduler_config.json`` beside them, as the Hub's google/ddpm-* repositories hold them).
+    ``scheduler_config.json`` beside them, as the Hub's google/ddpm-* repositories hold them),
+    or a Hub id such as ``"google/ddpm-cifar10-32"`` (``kddpm.hub``: the optional
+    huggingface_hub, its cache and ``HF_HUB_OFFLINE``).
     The weights go into both the trained and the EMA network (published weights are EMA
     weights); EMA warm-up is off, so that fine-tuning starts its average from them. The
     scheduler becomes the model's schedule, default DDPM variance (fixed_small: beta_tilde,
@@ -51,7 +54,7 @@ def from_diffusers(path: str | os.PathLike, log: Callable[[str], Any] | None = N
     Anything outside the DDPM family of UNet2DModel is refused with the field and its value.
     """
     say = log or (lambda line: warnings.warn(line, stacklevel=3))
-    unet_dir, scheduler_file = _locate(Path(path))
+    unet_dir, scheduler_file = _locate(resolve_checkpoint(path))
     config = _read_json(unet_dir / "config.json")
     build_kwargs = unet_kwargs_from_config(config)
     tensors = _read_weights(unet_dir)
