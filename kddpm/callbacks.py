@@ -14,11 +14,18 @@ import numpy as np
 
 from kddpm.defaults import DEFAULT_SAMPLER
 from kddpm.errors import KddpmError
-from kddpm.training import write_grid
+from kddpm.training import grid_pixels, write_grid
 
 
 class SampleGrid(keras.callbacks.Callback):
-    """Draws a grid of samples from the EMA weights every ``every`` epochs."""
+    """Draws a grid of samples from the EMA weights every ``every`` epochs, from the same seed.
+
+    The grid goes to ``directory/epoch_NNNN.png`` and, with ``log_dir``, to TensorBoard as the
+    image summary ``samples`` at step = epoch (``log_dir/images``), so that the images tab's slider
+    walks through training. At the end of training it also logs ``trajectory``: the reverse
+    process of ``trajectory_images`` images at ten points, a row of x_t above a row of the x_0
+    predicted from it for each (the paper's Figure 6).
+    """
 
     def __init__(
         self,
@@ -29,6 +36,8 @@ class SampleGrid(keras.callbacks.Callback):
         grid_scale: int | None = None,
         columns: int | None = None,
         row_labels: list[str] | None = None,
+        log_dir: str | Path | None = None,
+        trajectory_images: int = 4,
         **sample_kwargs,
     ):
         super().__init__()
@@ -39,13 +48,46 @@ class SampleGrid(keras.callbacks.Callback):
         self.every = max(1, int(every))
         self.num_images = num_images
         self.seed = seed
+        self.log_dir = None if log_dir is None else Path(log_dir)
+        self.trajectory_images = trajectory_images
         self.sample_kwargs = sample_kwargs
+        self._writer = None
+        self._epoch = 0
 
     def on_epoch_end(self, epoch, logs=None):
+        self._epoch = epoch + 1
         if (epoch + 1) % self.every == 0:
             images = self.model.sample(self.num_images, seed=self.seed, **self.sample_kwargs)
             path = self.directory / f"epoch_{epoch + 1:04d}.png"
             write_grid(images, path, self.grid_scale, self.columns, self.row_labels)
+            self._summary("samples", grid_pixels(images, self.grid_scale, self.columns, self.row_labels), epoch + 1)
+
+    def on_train_end(self, logs=None):
+        if self.log_dir is None or not self.trajectory_images:
+            return
+        kept = ("sampler", "steps", "clip_x0", "guidance_scale")
+        options = {key: value for key, value in self.sample_kwargs.items() if key in kept}
+        count = self.trajectory_images
+        if self.sample_kwargs.get("labels") is not None:
+            # A conditional grid: one image of each of the first classes.
+            options["labels"] = np.unique(np.asarray(self.sample_kwargs["labels"]))[:count]
+            count = len(options["labels"])
+        shots = self.model.trajectory(count, seed=self.seed, **options)
+        rows = [np.stack([shot[part][i] for shot in shots]) for i in range(count) for part in (1, 2)]
+        self._summary("trajectory", grid_pixels(np.concatenate(rows), columns=len(shots)), self._epoch)
+        self._writer.close()
+        self._writer = None
+
+    def _summary(self, name: str, grid: np.ndarray, step: int) -> None:
+        if self.log_dir is None:
+            return
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(str(self.log_dir / "images"))
+        with self._writer.as_default():
+            tf.summary.image(name, grid[None], step=step)
+        self._writer.flush()
 
 
 class EvaluateEvery(keras.callbacks.Callback):

@@ -96,6 +96,10 @@ class DiffusionModel(Generation, TrainingDataChecks, keras.Model):
             0, dtype="int64", trainable=False, aggregation="only_first_replica", name="batches_seen"
         )
         self.loss_tracker = keras.metrics.Mean(name="loss")
+        # What improved-diffusion logs: the loss in each quarter of the timesteps (t in [0, T/4)
+        # is loss_q0), and the gradient's global norm before clipping.
+        self.quartile_trackers = [keras.metrics.Mean(name=f"loss_q{q}") for q in range(4)]
+        self.grad_norm_tracker = keras.metrics.Mean(name="grad_norm")
         self._pending_data_checks: list = []
         self.built = True
 
@@ -142,7 +146,7 @@ class DiffusionModel(Generation, TrainingDataChecks, keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker]
+        return [self.loss_tracker, *self.quartile_trackers] + ([self.grad_norm_tracker] if self.clip_grad_norm else [])
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -193,22 +197,27 @@ class DiffusionModel(Generation, TrainingDataChecks, keras.Model):
             with tf.GradientTape() as tape, example_keys(fold_in(key, 3), first):
                 eps = tf.cast(self.denoiser([x_t, t, *conditions], training=True), tf.float32)
                 loss = tf.reduce_mean(tf.square(noise - eps))
+                per_example = tf.stop_gradient(tf.reduce_mean(tf.square(noise - eps), axis=[1, 2, 3]))
                 # Gradients are summed over replicas: dividing each replica's mean by their
                 # number makes the sum the gradient of the global-batch mean.
                 scaled_loss = self.optimizer.scale_loss(loss / replicas)
             variables = self.denoiser.trainable_variables
             gradients = tape.gradient(scaled_loss, variables)
+            norm = tf.constant(np.nan, tf.float32)
             if self.clip_grad_norm:
-                gradients = self._clip_global_norm(gradients, replicas)
+                gradients, norm = self._clip_global_norm(gradients, replicas)
             self.optimizer.apply_gradients(zip(gradients, variables))
             self._update_ema()
             self.batches_seen.assign_add(1)
-            return loss
+            return loss, per_example, norm
 
         if not tf.distribute.has_strategy():
             # A cond rather than an assert: XLA compiles asserts to nothing, and Keras turns
             # XLA on for one GPU. Out-of-range data skips the update; the train function raises.
-            loss = tf.cond(in_range, update, lambda: tf.constant(np.nan, tf.float32))
+            skipped = tf.constant(np.nan, tf.float32)
+            loss, per_example, norm = tf.cond(
+                in_range, update, lambda: (skipped, tf.fill(tf.shape(t), skipped), skipped)
+            )
         else:
             # A merge_call (optimizer, EMA) cannot sit in a cond branch; the assert holds
             # without XLA, which Keras leaves off under strategies.
@@ -217,10 +226,13 @@ class DiffusionModel(Generation, TrainingDataChecks, keras.Model):
                 tf.debugging.Assert(labels_valid, [_labels.bad_training_labels_message(self.num_classes or 0)]),
             ]
             with tf.control_dependencies(checks):
-                loss = update()
+                loss, per_example, norm = update()
         self.loss_tracker.update_state(loss)
+        self._track_quartiles(per_example, t)
+        if self.clip_grad_norm:
+            self.grad_norm_tracker.update_state(norm)
         return {
-            "loss": _reportable(self.loss_tracker.result()),
+            **{metric.name: _reportable(metric.result()) for metric in self.metrics},
             OUT_OF_RANGE_KEY: _reportable(1.0 - tf.cast(images_valid, tf.float32)),
             BAD_LABELS_KEY: _reportable(1.0 - tf.cast(labels_valid, tf.float32)),
         }
@@ -270,7 +282,14 @@ class DiffusionModel(Generation, TrainingDataChecks, keras.Model):
             # The step's one all-reduce: every replica now holds the global gradient, and
             # the optimizer applies it as it is (see compile).
             gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
-        return tf.clip_by_global_norm(gradients, threshold)[0]
+        clipped, norm = tf.clip_by_global_norm(gradients, threshold)
+        return clipped, norm / tf.cast(getattr(self.optimizer, "dynamic_scale", 1.0), tf.float32)
+
+    def _track_quartiles(self, per_example: tf.Tensor, t: tf.Tensor) -> None:
+        """Adds each example's loss [B] to the tracker of its quarter of the timesteps."""
+        quarter = (t * 4) // self.schedule.timesteps
+        for q, tracker in enumerate(self.quartile_trackers):
+            tracker.update_state(per_example, sample_weight=tf.cast(tf.equal(quarter, q), tf.float32))
 
     # --- EMA -------------------------------------------------------------------------------
 

@@ -178,15 +178,21 @@ def write_grid(
     scale: nearest-neighbour enlargement of each image (default: a grid at least 512 px wide;
     1: raw pixels). row_labels: one caption per row, written in a strip left of the grid.
     """
-    if scale is not None and scale < 1:
-        raise KddpmError(f"The grid scale must be a positive integer, got {scale}.")
     path = Path(path)
+    grid = grid_pixels(images, scale, columns, row_labels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(to_uint8(images), columns=columns, scale=scale)
-    if row_labels:
-        grid = _with_row_labels(grid, row_labels)
     keras.utils.save_img(path, grid, scale=False)
     return path
+
+
+def grid_pixels(
+    images: np.ndarray, scale: int | None = None, columns: int | None = None, row_labels: list[str] | None = None
+) -> np.ndarray:
+    """The uint8 [H', W', C] grid that ``write_grid`` writes (TensorBoard's image summaries show the same)."""
+    if scale is not None and scale < 1:
+        raise KddpmError(f"The grid scale must be a positive integer, got {scale}.")
+    grid = image_grid(to_uint8(images), columns=columns, scale=scale)
+    return _with_row_labels(grid, row_labels) if row_labels else grid
 
 
 def _with_row_labels(grid: np.ndarray, labels: list[str], gap: int = 2) -> np.ndarray:

@@ -39,6 +39,45 @@ def test_train_writes_model_checkpoints_grids_and_logs_quietly(run_dir):
     assert grid.size == (8 * 84 + 7 * 2, 8 * 84 + 7 * 2)
 
 
+def summaries(folder):
+    """{tag: [(step, value)]} of every event file under folder (images as uint8 arrays, scalars as floats)."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(folder.rglob("events.out.tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                array = tf.make_ndarray(value.tensor)
+                if value.metadata.plugin_data.plugin_name == "images":  # [width, height, PNG...]
+                    array = tf.io.decode_png(array[2]).numpy()
+                found.setdefault(value.tag, []).append((event.step, array))
+    return found
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_grids_the_trajectory_and_the_loss_per_quarter(run_dir):
+    out, _ = run_dir
+    images = summaries(out / "logs" / "images")
+    # The grid of every epoch (--grid-every 1), the same pixels as its PNG, at step = epoch.
+    assert [step for step, _ in images["samples"]] == [1, 2]
+    for step, grid in images["samples"]:
+        png = keras.utils.img_to_array(
+            keras.utils.load_img(out / "samples" / f"epoch_{step:04d}.png", color_mode="grayscale")
+        )
+        np.testing.assert_array_equal(grid, png.astype(np.uint8))
+    # The trajectory once, at the end: 4 images x (x_t, x0) rows, 10 snapshots, 28x28 tiles.
+    [(step, trajectory)] = images["trajectory"]
+    height, width, channels = trajectory.shape
+    assert step == 2 and channels == 1 and width >= 512 and 0.7 < height / width < 0.9  # 8 rows, 10 columns
+    scalars = {tag: [float(v) for _, v in values] for tag, values in summaries(out / "logs" / "train").items()}
+    quarters = np.array([scalars[f"epoch_loss_q{q}"] for q in range(4)])
+    assert quarters.shape == (4, 2) and len(scalars["epoch_grad_norm"]) == 2 and min(scalars["epoch_grad_norm"]) > 0
+    # The epoch loss is a mean over the examples, so it lies between the quarters' means.
+    loss = np.array(scalars["epoch_loss"])
+    assert (quarters.min(axis=0) <= loss + 1e-6).all() and (loss <= quarters.max(axis=0) + 1e-6).all()
+    assert len(scalars["epoch_learning_rate"]) == 2
+
+
 @pytest.mark.slow
 def test_sample_command_writes_a_deterministic_grid(run_dir, tmp_path):
     out, _ = run_dir

@@ -37,6 +37,30 @@ def test_train_step_loss_is_l_simple_on_the_drawn_t_and_noise():
     assert logs["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_the_quartile_losses_and_the_gradient_norm_are_those_of_the_drawn_t():
+    """loss_q0..loss_q3 are the mean loss of the examples whose t lies in each quarter of [0, T),
+    and grad_norm the global norm of the L_simple gradient before clipping, both in numpy / a tape."""
+    model = make_model(clip_grad_norm=1e-3)  # clipping active: the norm logged is the one before it
+    rng = np.random.default_rng(1)
+    model.denoiser.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32) for w in model.denoiser.get_weights()])
+    x0 = images(64)
+    t, noise = (v.numpy() for v in model._draw_t_and_noise(tf.constant(x0), model._training_key()))
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
+    x_t = tf.constant((np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise).astype(np.float32))
+    with tf.GradientTape() as tape:
+        eps = model.denoiser([x_t, tf.constant(t)], training=True)
+        loss = tf.reduce_mean(tf.square(noise - eps))
+    norm = tf.linalg.global_norm(tape.gradient(loss, model.denoiser.trainable_variables)).numpy()
+    per_example = np.mean((noise - eps.numpy()) ** 2, axis=(1, 2, 3))
+    logs = model.train_on_batch(x0, return_dict=True)
+    assert norm > 10 * 1e-3 and logs["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    for q in range(4):
+        inside = (t >= q * 250) & (t < (q + 1) * 250)
+        assert inside.sum() > 5  # 64 draws: every quarter has examples
+        assert logs[f"loss_q{q}"] == pytest.approx(per_example[inside].mean(), rel=1e-4)
+    assert logs["loss"] == pytest.approx(per_example.mean(), rel=1e-4)
+
+
 def test_training_draws_are_uniform_t_and_standard_normal_noise():
     model = make_model()
     x0 = tf.zeros((4096, 8, 8, 1))
@@ -151,7 +175,8 @@ def test_out_of_range_data_is_refused_with_and_without_xla_and_changes_nothing(j
     assert int(model.optimizer.iterations.numpy()) == 0
     # Good data still trains, and the flag does not reach the logs.
     history = model.fit(images(8), batch_size=4, epochs=1, verbose=0)
-    assert set(history.history) == {"loss"} and int(model.optimizer.iterations.numpy()) == 2
+    logged = {"loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm"}
+    assert set(history.history) == logged and int(model.optimizer.iterations.numpy()) == 2
 
 
 def test_bad_data_is_named_without_a_host_read_after_every_step():

@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             grid_scale=args.grid_scale,
             columns=grid_columns,
             row_labels=class_names,
+            log_dir=out / "logs",
             **grid_settings,
         )
         callbacks.append(grids)
