@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The demo needs the package alone; the tests add the dev tools (pytest, ruff, notebook runner).
 CORE := $(VENV)/.installed-core
 DEV := $(VENV)/.installed-dev
+# The browser page's runtime (onnxruntime-web, pinned by export/web/package-lock.json), where npm is.
+WEB := export/web/node_modules/.package-lock.json
+NPM := $(shell command -v npm 2>/dev/null)
 
 .PHONY: demo test lint bench clean
 
@@ -18,10 +21,17 @@ $(DEV): $(CORE)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(DEV)
 
+$(WEB): export/web/package-lock.json
+ifneq ($(NPM),)
+	npm ci --prefix export/web --ignore-scripts --no-audit --no-fund --loglevel=error
+else
+	@echo "npm not found: the browser page's test will be skipped (install Node.js and npm to run it)"
+endif
+
 demo: $(CORE)
 	$(BIN)/kddpm train --preset demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(DEV)
+test: $(DEV) $(WEB)
 	$(BIN)/ruff check kddpm tests benchmarks export tools
 	$(BIN)/python -m pytest -q --durations=20
 

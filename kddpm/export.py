@@ -39,6 +39,7 @@ from kddpm.loading import load_diffusion_model
 from kddpm.model import DiffusionModel
 from kddpm.networks import network_with_precision
 from kddpm.sampling import check_clip_x0
+from kddpm.sampling.plans import ROW_FIELDS
 from kddpm.serving import serving_archive
 
 FORMATS = ("saved_model", "onnx", "all")
@@ -283,7 +284,25 @@ def onnx_metadata(model: DiffusionModel, clip_x0: bool | str | None = None) -> d
         # Class-conditional models: K (the input 'label' takes [0, K], K meaning unconditional).
         "kddpm.num_classes": str(model.num_classes or 0),
         "kddpm.class_names": json.dumps(model.class_names or [str(c) for c in range(model.num_classes or 0)]),
+        "kddpm.plans": json.dumps(web_plans(model, clip_x0)),
     }
+
+
+# The deterministic plans the browser page (export/web/) offers, the first its default: kddpm's own
+# plan rows, so that the page applies the compiled loop's coefficients instead of a copy of the maths.
+WEB_PLANS = (("dpm++2m", 20), ("dpm++2m", 10), ("dpm++2m", 50), ("ddim", 50))
+
+
+def web_plans(model: DiffusionModel, clip_x0: bool | str) -> list[dict[str, Any]]:
+    """[{sampler, steps, rows: {timesteps, x0_from_xt, ...}}] of ``WEB_PLANS`` that fit T."""
+    plans = []
+    for sampler, steps in WEB_PLANS:
+        if steps >= model.schedule.timesteps:
+            continue
+        plan = model.plan(sampler, steps, eta=0.0 if sampler == "ddim" else None, clip_x0=clip_x0)
+        rows = {field: getattr(plan, field).tolist() for field in ROW_FIELDS}
+        plans.append({"sampler": sampler, "steps": steps, "rows": rows})
+    return plans
 
 
 def _onnx_parity(model: DiffusionModel, network: keras.Model, serialized: bytes) -> float:

@@ -114,7 +114,7 @@ class SamplingPlan:
 
     def rows_from(self, first: int) -> SamplingPlan:
         """The plan's steps first.. (a later start of the same reverse process)."""
-        return dataclasses.replace(self, **{f: getattr(self, f)[first:] for f in _ROW_FIELDS})
+        return dataclasses.replace(self, **{f: getattr(self, f)[first:] for f in ROW_FIELDS})
 
     def coefficients(self) -> np.ndarray:
         """The seven coefficient rows stacked as [S, 7] float32, in the loop's order."""
@@ -122,7 +122,7 @@ class SamplingPlan:
         return np.stack([*rows, self.coef_x0_prev], axis=1).astype(np.float32)
 
 
-_ROW_FIELDS = ("timesteps", "x0_from_xt", "x0_from_eps", "coef_x0", "coef_xt", "coef_eps", "sigma", "coef_x0_prev")
+ROW_FIELDS = ("timesteps", "x0_from_xt", "x0_from_eps", "coef_x0", "coef_xt", "coef_eps", "sigma", "coef_x0_prev")
 
 
 def ddpm_plan(schedule: NoiseSchedule, variance: str = "beta_tilde", clip_x0: bool | str = False) -> SamplingPlan:
