@@ -6,7 +6,8 @@
 //   x0_hat = clip(x0_from_xt * x - x0_from_eps * eps)
 //   x      = coef_xt * x + coef_eps * eps + coef_x0 * x0_hat + coef_x0_prev * x0_hat_before + sigma * z
 // Page parameters: ?model=URL (default model.onnx beside the page). For tests: ?input=URL of a
-// JSON {x_T, labels, guidance, plan} to sample from, and ?report=URL to POST the result to.
+// JSON {x_T, labels, guidance, plan} to sample from, ?report=URL to POST the result to, and
+// ?screenshot (no time in the status line).
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -252,7 +253,9 @@ async function main() {
     });
     const seconds = (performance.now() - started) / 1000;
     draw(canvas, images, model.imageShape);
-    status.textContent = `${xT.length / size} images, ${plan.sampler} ${plan.steps} steps: ${seconds.toFixed(1)} s`;
+    // (?screenshot: Chromium's screenshot mode runs on a virtual clock, so the time would be wrong.)
+    const took = params.has("screenshot") ? "" : `: ${seconds.toFixed(1)} s`;
+    status.textContent = `${xT.length / size} images, ${plan.sampler} ${plan.steps} steps${took}`;
     $("controls").disabled = false;
     $("download").disabled = false;
     return { images, seconds };
