@@ -55,8 +55,15 @@ def add_parser(verbs, common) -> None:
     )
     _inputs_and_outputs(inpaint)
     area = inpaint.add_mutually_exclusive_group(required=True)
-    area.add_argument("--mask", nargs="+", help="mask image(s), white = fill, one for all inputs or one each")
-    area.add_argument("--box", help="x0,y0,x1,y1 in pixels of the model's size: fill that box (x1, y1 excluded)")
+    area.add_argument(
+        "--mask",
+        nargs="+",
+        help="mask image(s), white = fill, one for all inputs or one each (this or --box is required)",
+    )
+    area.add_argument(
+        "--box",
+        help="x0,y0,x1,y1 in the model's pixels: fill that box, x1 and y1 excluded (this or --mask is required)",
+    )
     inpaint.add_argument("--steps", type=int, help=f"reverse strides over T (default {REPAINT_STEPS}, or T if smaller)")
     inpaint.add_argument(
         "--jump-length",
