@@ -42,7 +42,9 @@ def main() -> None:
         try:
             report = site.browse(Path(folder))
             if args.screenshot:
-                site.browse(Path(folder), query="?input=input.json&screenshot", screenshot=Path(args.screenshot).resolve())
+                site.browse(
+                    Path(folder), query="?input=input.json&screenshot", screenshot=Path(args.screenshot).resolve()
+                )
         finally:
             site.close()
     started = time.perf_counter()
